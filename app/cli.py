@@ -1,0 +1,349 @@
+"""The `trackgate` command: thin wrappers around the plain functions of the other modules."""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from . import client, database, nginx_config, stack, tls
+from .settings import ENV_PREFIX, Settings, load_settings
+from .users import HtpasswdStore, UserError, validate_password
+
+F = Callable[..., Any]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"trackgate: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _default_text(name: str) -> str:
+    field = Settings.model_fields[name]
+    if field.default_factory is not None:
+        return {"data_dir": "~/.local/share/trackgate", "bcrypt_concurrency": "CPU count"}.get(
+            name, "computed")
+    return "derived" if field.default is None else str(field.default)
+
+
+def setting_options(*names: str) -> Callable[[F], F]:
+    """Click options for settings fields: the flag beats TRACKGATE_<NAME>, which beats the default."""
+
+    def decorate(func: F) -> F:
+        for name in reversed(names):
+            field = Settings.model_fields[name]
+            annotation = field.annotation
+            kind: Any = int if annotation is int else (
+                click.Path(path_type=Path) if "Path" in str(annotation) else str)
+            func = click.option(
+                "--" + name.replace("_", "-"), name, type=kind, default=None,
+                help=f"{field.description} [env {ENV_PREFIX}{name.upper()}; "
+                     f"default {_default_text(name)}]",
+            )(func)
+        return func
+
+    return decorate
+
+
+STACK_OPTIONS = ("data_dir", "hostname", "http_port", "https_port")
+
+
+def _settings(values: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        _fail(f"invalid settings: {problems}", code=2)
+        raise  # unreachable
+
+
+def _guard(func: F) -> F:
+    """Turn our own errors into one clear line and exit code 1, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (UserError, stack.StackError, tls.TLSError, client.ClientError,
+                database.DatabaseError) as exc:
+            _fail(str(exc))
+        except PermissionError as exc:
+            _fail(f"permission denied: {exc.filename} (run as the user that owns it, or root)")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trackgate")
+def cli() -> None:
+    """trackgate: a private, password-protected MLflow server (nginx + TLS + bcrypt)."""
+
+
+# --- the stack on this machine -------------------------------------------------------------
+
+@cli.command()
+@setting_options(*STACK_OPTIONS)
+@_guard
+def up(**values: Any) -> None:
+    """Start MLflow, the auth gateway and nginx in the background (sqlite + local artifacts by
+    default); on first start create user 'admin' and print its password once."""
+    settings = _settings(values)
+    click.echo(f"Starting trackgate in {settings.data_dir} ...", err=True)
+    result = stack.up(settings)
+    if result.already_running:
+        click.echo(f"trackgate is already running at {result.url}")
+        return
+    click.echo(f"trackgate is running at {result.url}")
+    if result.admin_password:
+        click.echo(f"\nCreated user '{stack.ADMIN}' with password: {result.admin_password}")
+        click.echo("It is shown only this once (only its bcrypt hash is stored).")
+    click.echo("\nBefore running a training script:")
+    for line in stack.export_lines(settings, stack.ADMIN, result.admin_password):
+        click.echo(f"  {line}")
+    if settings.uses_local_ca:
+        click.echo(f"\nBrowsers: trust {settings.ca_cert} (or accept the warning) and log in.")
+    click.echo("Add users: trackgate users add NAME   Stop: trackgate down")
+
+
+@cli.command()
+@setting_options("data_dir")
+@_guard
+def down(**values: Any) -> None:
+    """Stop the stack started by `trackgate up`; nothing is left running."""
+    settings = _settings(values)
+    click.echo("stopped" if stack.down(settings) else "trackgate was not running")
+
+
+@cli.command()
+@setting_options(*STACK_OPTIONS)
+@_guard
+def status(**values: Any) -> None:
+    """Say whether the stack runs, its processes, and whether /health answers through nginx."""
+    settings = _settings(values)
+    state = stack.status(settings)
+    if not state.running:
+        click.echo("trackgate is not running (start it with `trackgate up`)")
+        sys.exit(3)
+    click.echo(f"trackgate is running at {settings.public_url} (supervisor pid {state.pid})")
+    for name, info in state.children.items():
+        click.echo(f"  {name:9} pid {info.get('pid')}  restarts {info.get('restarts')}")
+    click.echo(f"  health    {state.health}")
+    if state.health != "healthy":
+        sys.exit(1)
+
+
+# --- users ----------------------------------------------------------------------------------
+
+@cli.group()
+def users() -> None:
+    """Manage the users in the htpasswd file (changes apply on the next request, no restart)."""
+
+
+def _store(values: dict[str, Any]) -> HtpasswdStore:
+    settings = _settings(values)
+    return HtpasswdStore(settings.htpasswd, settings.bcrypt_rounds)
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        return validate_password(password.removesuffix("\r"))
+    if not sys.stdin.isatty():
+        raise UserError("no terminal to ask for a password: pipe it in with --password-stdin")
+    first = getpass.getpass("Password: ")
+    validate_password(first)
+    if getpass.getpass("Repeat password: ") != first:
+        raise UserError("the passwords do not match")
+    return first
+
+
+USER_OPTIONS = ("data_dir", "htpasswd_path", "bcrypt_rounds")
+password_stdin_option = click.option(
+    "--password-stdin", is_flag=True, help="Read the password from one line of standard input.")
+
+
+@users.command("add")
+@click.argument("name")
+@password_stdin_option
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_add(name: str, password_stdin: bool, **values: Any) -> None:
+    """Add user NAME (password from a double prompt or --password-stdin)."""
+    store = _store(values)
+    from .users import validate_username
+
+    validate_username(name)
+    store.add(name, _read_password(password_stdin))
+    click.echo(f"added {name}")
+
+
+@users.command("passwd")
+@click.argument("name")
+@password_stdin_option
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_passwd(name: str, password_stdin: bool, **values: Any) -> None:
+    """Change NAME's password; the old one stops working on the next request."""
+    store = _store(values)
+    if name not in store.read():
+        raise UserError(f"no user {name!r}; use `trackgate users add {name}`")
+    store.set_password(name, _read_password(password_stdin))
+    click.echo(f"changed password of {name}")
+
+
+@users.command("remove")
+@click.argument("name")
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_remove(name: str, **values: Any) -> None:
+    """Remove user NAME; their next request is refused."""
+    _store(values).remove(name)
+    click.echo(f"removed {name}")
+
+
+@users.command("list")
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_list(**values: Any) -> None:
+    """List the user names."""
+    for name in _store(values).list():
+        click.echo(name)
+
+
+@users.command("verify")
+@click.argument("name")
+@password_stdin_option
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_verify(name: str, password_stdin: bool, **values: Any) -> None:
+    """Check NAME's password against the file (exit 0 if right, 1 if not)."""
+    store = _store(values)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+    if not store.verify(name, password):
+        _fail(f"wrong password or no user {name!r}")
+    click.echo("ok")
+
+
+# --- client side ----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("url")
+@click.option("--username", "-u", prompt=True, help="Your trackgate user name.")
+@password_stdin_option
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The server's CA certificate, if it uses trackgate's local CA.")
+@click.option("--env-file", type=click.Path(path_type=Path), default=client.USER_ENV_FILE,
+              show_default=True, help="Where to save the credentials (mode 0600).")
+@_guard
+def login(url: str, username: str, password_stdin: bool, ca_cert: Path | None,
+          env_file: Path) -> None:
+    """Check credentials against the server at URL and save them for training scripts."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+    config = client.TrackingConfig(url.rstrip("/"), username, password,
+                                   str(ca_cert) if ca_cert else None)
+    result = client.check(config)
+    if not result.ok:
+        _fail(result.message)
+    path = client.write_env_file(env_file, config)
+    click.echo(f"{result.message}; saved to {path}")
+
+
+@cli.command("check")
+@click.option("--env-file", type=click.Path(path_type=Path), default=Path(".env"),
+              show_default=True, help="A .env file to read after the environment.")
+@_guard
+def check_cmd(env_file: Path) -> None:
+    """Report which server and user the current environment would use, and whether it works."""
+    config = client.resolve(env_file)
+    click.echo(f"tracking URI: {config.uri or '(not set)'}")
+    click.echo(f"username:     {config.username or '(not set)'}")
+    click.echo(f"password:     {'(set)' if config.password else '(not set)'}")
+    if config.cert_path:
+        click.echo(f"CA cert:      {config.cert_path}")
+    result = client.check(config)
+    click.echo(result.message)
+    if not result.ok:
+        sys.exit(1)
+
+
+# --- building blocks for systemd units, containers and Ansible --------------------------------
+
+@cli.command("serve")
+@click.argument("server", type=click.Choice(["tracking", "gateway"]))
+@setting_options(*STACK_OPTIONS)
+@_guard
+def serve_cmd(server: str, **values: Any) -> None:
+    """Run one server in the foreground (used by systemd units and containers)."""
+    from . import serve
+
+    settings = _settings(values)
+    (serve.run_tracking if server == "tracking" else serve.run_gateway)(settings)
+
+
+@cli.command("supervise", hidden=True)
+@_guard
+def supervise_cmd() -> None:
+    """Run the local supervisor (started by `trackgate up`)."""
+    from .supervisor import supervise
+
+    settings = _settings({})
+    sys.exit(supervise(settings, stack.find_nginx(settings)))
+
+
+@cli.command("prepare")
+@setting_options(*STACK_OPTIONS)
+@click.option("--site-only", "site_path", type=click.Path(path_type=Path), default=None,
+              help="Only render the nginx site (http context) to this file.")
+@click.option("--check", is_flag=True, help="Change nothing; exit 0 if up to date, 3 if not.")
+@_guard
+def prepare_cmd(site_path: Path | None, check: bool, **values: Any) -> None:
+    """Create directories, certificates, the admin user and nginx config without starting
+    anything (first start of containers; Ansible renders a site with --site-only)."""
+    settings = _settings(values)
+    if site_path is not None:
+        changed = nginx_config.write_if_changed(
+            site_path, nginx_config.render(settings, standalone=False), check=check)
+        click.echo(f"{'changed' if changed else 'unchanged'}: {site_path}")
+        sys.exit(3 if check and changed else 0)
+    password = stack.prepare(settings)
+    if password:
+        click.echo(f"Created user '{stack.ADMIN}' with password: {password}")
+        click.echo("It is shown only this once (only its bcrypt hash is stored).")
+    click.echo(f"prepared {settings.data_dir}")
+
+
+@cli.group("db")
+def db() -> None:
+    """The MLflow database schema."""
+
+
+@db.command("upgrade")
+@setting_options("data_dir", "backend_store_uri")
+@_guard
+def db_upgrade(**values: Any) -> None:
+    """Create or upgrade the schema to this MLflow version (sqlite is backed up first)."""
+    outcome = database.ensure_schema(_settings(values), allow_upgrade=True)
+    click.echo(f"database schema {outcome}")
+
+
+def main() -> None:
+    cli(prog_name="trackgate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The auth gateway nginx consults with `auth_request` before proxying anything to MLflow.
+
+nginx's own `auth_basic` runs bcrypt on its event loop for every request, with no cache. Here a
+credential is checked with bcrypt once and then answered from memory; bcrypt work is capped and
+queued; repeated failures are throttled. Answers (nginx maps them):
+
+- 204 + ``X-Trackgate-User``: let the request through, as this user;
+- 401 + ``WWW-Authenticate: Basic``: ask for credentials (browsers show their login prompt);
+- 403 + ``Retry-After``: throttled or overloaded; nginx turns it into 429 for the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .credential_cache import CredentialCache
+from .settings import Settings
+from .throttle import FailureThrottle
+from .users import hash_password, parse, verify_hash
+
+USER_HEADER = "X-Trackgate-User"
+REALM = "trackgate"
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class HtpasswdWatcher:
+    """The users of an htpasswd file, reloaded whenever the file is replaced or changed.
+
+    One stat() per request is cheap, and it makes `users passwd`/`remove` take effect on the
+    very next request in every gateway process, with no signal or restart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def hash_for(self, username: str) -> str | None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            with self._lock:
+                try:
+                    self._users = parse(self.path.read_text(encoding="utf-8")) if stamp else {}
+                except FileNotFoundError:
+                    self._users = {}
+                self._stamp = stamp
+        return self._users.get(username)
+
+
+def parse_basic(header: str | None) -> tuple[str, str] | None:
+    """(username, password) from an `Authorization: Basic ...` header, or None."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    if not sep or not username:
+        return None
+    return username, password
+
+
+class Gateway:
+    """WSGI app answering nginx's auth subrequests at /auth (and /healthz for supervisors)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.users = HtpasswdWatcher(settings.htpasswd)
+        self.cache = CredentialCache(settings.cache_size, settings.cache_ttl)
+        self.throttle = FailureThrottle(settings.failure_limit, settings.failure_window)
+        self._bcrypt_slots = threading.BoundedSemaphore(settings.bcrypt_concurrency)
+        # Leave threads free for cached credentials: past this many waiting checks, shed load.
+        self._max_waiting = max(1, settings.gateway_threads // 2)
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        # Unknown users are checked against this, so they cost the same time as known ones.
+        self._decoy_hash = hash_password(secrets.token_urlsafe(16), settings.bcrypt_rounds)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _answer(start_response, "200 OK", body=b"OK")
+        if path != "/auth":
+            return _answer(start_response, "404 Not Found")
+        credentials = parse_basic(environ.get("HTTP_AUTHORIZATION"))
+        if credentials is None:
+            return _challenge(start_response)
+        username, password = credentials
+        current_hash = self.users.hash_for(username)
+        if current_hash is not None and self.cache.hit(username, password, current_hash):
+            return _allow(start_response, username)
+
+        client_ip = environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", "")
+        keys = (f"ip:{client_ip}", f"user:{username}")
+        wait = self.throttle.retry_after(*keys)
+        if wait:
+            return _throttled(start_response, wait)
+        verdict = self._check(password, current_hash)
+        if verdict is None:
+            return _throttled(start_response, 1)
+        if verdict and current_hash is not None:
+            self.cache.add(username, password, current_hash)
+            return _allow(start_response, username)
+        self.throttle.record_failure(*keys)
+        return _challenge(start_response)
+
+    def _check(self, password: str, current_hash: str | None) -> bool | None:
+        """bcrypt under the concurrency cap; None when too many checks are already waiting."""
+        with self._waiting_lock:
+            if self._waiting >= self._max_waiting:
+                return None
+            self._waiting += 1
+        try:
+            with self._bcrypt_slots:
+                ok = verify_hash(password, current_hash or self._decoy_hash)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        return ok and current_hash is not None
+
+
+def _answer(
+    start_response: StartResponse,
+    status: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> list[bytes]:
+    start_response(status, [("Content-Length", str(len(body))), *(headers or [])])
+    return [body]
+
+
+def _allow(start_response: StartResponse, username: str) -> list[bytes]:
+    # Latin-1 is all an HTTP header can carry; other names are percent-encoded.
+    return _answer(start_response, "204 No Content", [(USER_HEADER, quote(username, safe=""))])
+
+
+def _challenge(start_response: StartResponse) -> list[bytes]:
+    header = ("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')
+    return _answer(start_response, "401 Unauthorized", [header])
+
+
+def _throttled(start_response: StartResponse, seconds: int) -> list[bytes]:
+    return _answer(start_response, "403 Forbidden", [("Retry-After", str(seconds))])
+
+
+def create_app(settings: Settings | None = None) -> Gateway:
+    """App factory for gunicorn (`app.gateway:create_app()`) and for tests."""
+    return Gateway(settings or Settings())

@@ -1,0 +1,53 @@
+"""gunicorn configuration of trackgate's two Python servers, derived from the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings
+
+
+def tracking_options(settings: Settings) -> dict[str, Any]:
+    """MLflow's Flask app. Threads keep the worker heartbeat alive during multi-GB uploads,
+    which a sync worker would be killed for after `timeout` seconds."""
+    return {
+        "bind": [settings_bind(settings.internal_host, settings.tracking_port)],
+        "workers": settings.workers,
+        "worker_class": "gthread",
+        "threads": settings.threads,
+        "timeout": 120,
+        "graceful_timeout": 30,
+        "keepalive": 75,  # longer than nginx's upstream keepalive, so nginx closes first
+        "proc_name": "trackgate-tracking",
+        # gunicorn >= 25 opens a control socket in $HOME by default: two servers would share it,
+        # and a hardened unit cannot write there. Nothing of ours uses it.
+        "control_socket_disable": True,
+        **_logging(settings, "tracking"),
+    }
+
+
+def gateway_options(settings: Settings) -> dict[str, Any]:
+    """One process, many threads: bcrypt releases the GIL, and one process means one
+    credential cache and one failure counter that every request sees."""
+    return {
+        "bind": [settings_bind(settings.internal_host, settings.gateway_port)],
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": settings.gateway_threads,
+        "timeout": 60,
+        "keepalive": 75,
+        "proc_name": "trackgate-gateway",
+        "control_socket_disable": True,
+        **_logging(settings, "gateway"),
+    }
+
+
+def settings_bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _logging(settings: Settings, name: str) -> dict[str, Any]:
+    logs = settings.logs
+    if logs is None:
+        return {"errorlog": "-", "accesslog": None}
+    return {"errorlog": str(logs / f"{name}.log"), "accesslog": None}

@@ -1,0 +1,54 @@
+"""Small HTTPS probe that connects to one address while naming another host (SNI + Host).
+
+`trackgate up` uses it to wait for the stack through nginx before the host name resolves.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, **kwargs: object) -> None:
+        super().__init__(host, port, **kwargs)  # type: ignore[arg-type]
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def https_get(
+    hostname: str,
+    port: int,
+    path: str = "/",
+    *,
+    address: str = "127.0.0.1",
+    ca_file: Path | None = None,
+    auth: tuple[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Answer:
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    conn = _PinnedHTTPS(hostname, port, address, context=context, timeout=timeout)
+    headers = {}
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return Answer(response.status, dict(response.getheaders()), response.read())
+    finally:
+        conn.close()

@@ -1,0 +1,224 @@
+"""The one settings object: every port, path and knob of a trackgate stack.
+
+Precedence: an explicit argument (a CLI flag) beats the ``TRACKGATE_<FIELD>`` environment
+variable, which beats a ``.env`` file in the working directory, which beats the default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "TRACKGATE_"
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "trackgate"
+
+
+class Settings(BaseSettings):
+    """Configuration of one trackgate stack (nginx + auth gateway + MLflow tracking server)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the database, artifacts, users, certificates and logs live.",
+    )
+    hostname: str = Field(
+        default="localhost",
+        description="Host name clients use; nginx refuses any other Host header.",
+    )
+    extra_hostnames: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More accepted host names, comma-separated (also put in the certificate).",
+    )
+    listen_address: str = Field(
+        default="0.0.0.0", description="Address nginx listens on (the only public listener)."
+    )
+    listen_ipv6: bool = Field(default=False, description="Also listen on [::] (IPv6).")
+    http_port: int = Field(default=8080, description="Plain-HTTP port: only redirects to HTTPS.")
+    https_port: int = Field(default=8443, description="HTTPS port clients and browsers use.")
+    tracking_port: int = Field(
+        default=5000, description="Loopback port of the MLflow tracking server (gunicorn)."
+    )
+    gateway_port: int = Field(default=5001, description="Loopback port of the auth gateway.")
+    internal_host: str = Field(
+        default="127.0.0.1",
+        description="Address the tracking server and gateway bind to (loopback outside containers).",
+    )
+    tracking_upstream: str | None = Field(
+        default=None, description="host:port nginx proxies to; default internal_host:tracking_port."
+    )
+    gateway_upstream: str | None = Field(
+        default=None, description="host:port nginx asks about credentials; default internal_host:gateway_port."
+    )
+    backend_store_uri: str | None = Field(
+        default=None, description="MLflow backend store; default sqlite in the data dir."
+    )
+    artifacts_destination: str | None = Field(
+        default=None,
+        description="Where the server stores artifacts (clients upload through the proxy); default data_dir/artifacts.",
+    )
+    htpasswd_path: Path | None = Field(
+        default=None, description="The htpasswd file (bcrypt); default data_dir/htpasswd."
+    )
+    bcrypt_rounds: int = Field(default=12, ge=4, le=31, description="bcrypt cost for new hashes.")
+    tls_cert: Path | None = Field(
+        default=None,
+        description="Your certificate (PEM, full chain); default: one issued by a generated local CA.",
+    )
+    tls_key: Path | None = Field(default=None, description="The key for tls_cert (PEM).")
+    workers: int = Field(default=2, ge=1, description="gunicorn workers of the tracking server.")
+    threads: int = Field(default=4, ge=1, description="Threads per tracking-server worker.")
+    gateway_threads: int = Field(default=32, ge=2, description="Threads of the auth gateway.")
+    bcrypt_concurrency: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="bcrypt checks run at once; the rest queue (default: CPU count).",
+    )
+    cache_ttl: int = Field(
+        default=900, ge=0, description="Seconds a verified credential is answered from memory."
+    )
+    cache_size: int = Field(default=10_000, ge=0, description="Most credentials kept in memory.")
+    failure_limit: int = Field(
+        default=10, ge=1, description="Failed logins per client IP, and per user, before 429."
+    )
+    failure_window: int = Field(
+        default=60, ge=1, description="Seconds over which failed logins are counted."
+    )
+    max_upload: str = Field(
+        default="0", description="nginx client_max_body_size (0 = no limit, for multi-GB artifacts)."
+    )
+    proxy_timeout: int = Field(
+        default=900, ge=1, description="Seconds nginx waits on a slow upload or download."
+    )
+    nginx_binary: str = Field(default="nginx", description="nginx executable (PATH, then /usr/sbin).")
+    nginx_user: str | None = Field(
+        default=None, description="User nginx workers run as when started as root (default www-data)."
+    )
+    log_dir: Path | None = Field(
+        default=None, description="Where logs go; default data_dir/logs ('-' for stderr)."
+    )
+    serve_model_port: int = Field(
+        default=5100, description="Loopback port of a model served with `trackgate serve-model`."
+    )
+    role: Literal["all", "tracking", "gateway"] = Field(
+        default="all", description="Internal: which server a container or unit runs."
+    )
+
+    @field_validator("extra_hostnames", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("hostname")
+    @classmethod
+    def _valid_hostname(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value or (not _is_ip(value) and any(c in value for c in " /:@;{}\"'")):
+            raise ValueError(f"{value!r} is not a host name (give just the name, no scheme or port)")
+        return value
+
+    @field_validator("http_port", "https_port", "tracking_port", "gateway_port", "serve_model_port")
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"{value} is not a TCP port (1-65535)")
+        return value
+
+    # Derived values: one place computes every path and URL.
+    @property
+    def server_names(self) -> list[str]:
+        names = [self.hostname, *self.extra_hostnames]
+        return list(dict.fromkeys(n.lower() for n in names))
+
+    @property
+    def database_uri(self) -> str:
+        return self.backend_store_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    @property
+    def artifacts_uri(self) -> str:
+        return self.artifacts_destination or str(self.data_dir / "artifacts")
+
+    @property
+    def htpasswd(self) -> Path:
+        return self.htpasswd_path or self.data_dir / "htpasswd"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def ca_cert(self) -> Path:
+        """The local CA certificate clients trust (MLFLOW_TRACKING_SERVER_CERT_PATH)."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.tls_cert or self.tls_dir / "server.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.tls_key or self.tls_dir / "server.key"
+
+    @property
+    def uses_local_ca(self) -> bool:
+        return self.tls_cert is None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def logs(self) -> Path | None:
+        """Log directory, or None when logs go to stderr (containers)."""
+        if self.log_dir is not None and str(self.log_dir) == "-":
+            return None
+        return self.log_dir or self.data_dir / "logs"
+
+    @property
+    def tracking_address(self) -> str:
+        return self.tracking_upstream or f"{self.internal_host}:{self.tracking_port}"
+
+    @property
+    def gateway_address(self) -> str:
+        return self.gateway_upstream or f"{self.internal_host}:{self.gateway_port}"
+
+    @property
+    def public_url(self) -> str:
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"https://{host}{port}"
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as TRACKGATE_* variables, to hand to a child process unchanged."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            if isinstance(value, list):
+                value = ",".join(value)
+            env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and .env, with explicit (non-None) overrides on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,264 @@
+"""`trackgate up|down|status`: the whole stack on one machine, without systemd or Docker."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import nginx_config, tls
+from .probe import https_get
+from .settings import Settings
+from .supervisor import nginx_argv, state_file
+from .users import HtpasswdStore
+
+ADMIN = "admin"
+START_TIMEOUT = 120.0
+
+
+class StackError(RuntimeError):
+    """Something stops the stack from starting, with what to do about it."""
+
+
+@dataclass
+class UpResult:
+    url: str
+    already_running: bool
+    admin_password: str | None  # only when the admin user was created by this call
+
+
+def find_nginx(settings: Settings) -> str:
+    found = shutil.which(settings.nginx_binary) or shutil.which(
+        settings.nginx_binary, path="/usr/sbin:/usr/local/sbin:/sbin"
+    )
+    if not found:
+        raise StackError(
+            f"nginx not found ({settings.nginx_binary!r} is not on PATH or in /usr/sbin): "
+            "install it (Debian/Ubuntu: `sudo apt-get install nginx-light`) "
+            "or set TRACKGATE_NGINX_BINARY"
+        )
+    return found
+
+
+def _pid_file(settings: Settings) -> Path:
+    return settings.run_dir / "supervisor.pid"
+
+
+def running_pid(settings: Settings) -> int | None:
+    """The supervisor's PID if the one we recorded is still alive."""
+    try:
+        pid = int(_pid_file(settings).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_ports(settings: Settings) -> None:
+    public = "0.0.0.0" if settings.listen_address in ("", "*") else settings.listen_address
+    checks = [
+        (public, settings.https_port, "--https-port", "HTTPS_PORT"),
+        (public, settings.http_port, "--http-port", "HTTP_PORT"),
+        (settings.internal_host, settings.tracking_port, "--tracking-port", "TRACKING_PORT"),
+        (settings.internal_host, settings.gateway_port, "--gateway-port", "GATEWAY_PORT"),
+    ]
+    for host, port, flag, var in checks:
+        if port < 1024 and os.geteuid() != 0:
+            raise StackError(
+                f"port {port} needs root; run as root or pick a port above 1023 "
+                f"({flag} or TRACKGATE_{var})"
+            )
+        if _port_in_use(host, port):
+            raise StackError(
+                f"port {port} on {host} is already in use by another program: stop it, or choose "
+                f"another port with {flag} or TRACKGATE_{var}"
+            )
+
+
+def ensure_admin(settings: Settings) -> str | None:
+    """Create the admin user with a generated password if there are no users yet."""
+    store = HtpasswdStore(settings.htpasswd, settings.bcrypt_rounds)
+    if store.list():
+        return None
+    password = secrets.token_urlsafe(18)
+    store.add(ADMIN, password)
+    return password
+
+
+def prepare(settings: Settings) -> str | None:
+    """Directories, certificates, the admin user and nginx config; returns a new admin password."""
+    for path in (settings.data_dir, settings.run_dir, settings.run_dir / "nginx-temp",
+                 nginx_config.serving_dir(settings)):
+        path.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    if settings.logs is not None:
+        settings.logs.mkdir(parents=True, exist_ok=True)
+    tls.ensure_certificates(settings)
+    password = ensure_admin(settings)
+    conf = settings.run_dir / "nginx.conf"
+    nginx_config.write_if_changed(conf, nginx_config.render(settings, standalone=True))
+    return password
+
+
+def _nginx_test(settings: Settings, nginx: str) -> None:
+    argv = nginx_argv(settings, nginx)[:-2] + ["-t", "-q"]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StackError(f"nginx rejected the rendered config:\n{result.stderr.strip()}")
+
+
+def up(settings: Settings) -> UpResult:
+    pid = running_pid(settings)
+    if pid is not None:
+        return UpResult(settings.public_url, already_running=True, admin_password=None)
+    nginx = find_nginx(settings)
+    _check_ports(settings)
+    password = prepare(settings)
+    _nginx_test(settings, nginx)
+    log = open(settings.logs / "supervisor.log", "ab") if settings.logs else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "supervise"],
+        env={**os.environ, **settings.to_env()},
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # survives the shell that ran `trackgate up`
+    )
+    _pid_file(settings).write_text(f"{proc.pid}\n")
+    try:
+        _wait_healthy(settings, proc)
+    except BaseException:
+        down(settings)
+        raise
+    return UpResult(settings.public_url, already_running=False, admin_password=password)
+
+
+def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"the supervisor exited ({proc.returncode}); see {settings.logs}")
+        crashing = _crashing_child(settings)
+        if crashing:
+            raise StackError(f"{crashing} keeps exiting at start:\n{_log_tail(settings, crashing)}")
+        try:
+            answer = https_get(settings.hostname, settings.https_port, "/health",
+                               ca_file=_trust_file(settings), timeout=5)
+            if answer.status == 200:
+                return
+            last = f"/health answered {answer.status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise StackError(f"the stack did not become healthy in {START_TIMEOUT:.0f} s ({last}); "
+                     f"see the logs in {settings.logs}")
+
+
+def _crashing_child(settings: Settings) -> str | None:
+    try:
+        state = json.loads(state_file(settings).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return next((name for name, info in state.items() if info.get("restarts", 0) >= 2), None)
+
+
+def _log_tail(settings: Settings, name: str, lines: int = 15) -> str:
+    if settings.logs is None:
+        return "(logs go to stderr)"
+    path = settings.logs / f"{name}.out"
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(f"  {line}" for line in tail) + f"\n(full log: {path})"
+
+
+def _trust_file(settings: Settings) -> Path | None:
+    return settings.ca_cert if settings.uses_local_ca else None
+
+
+def down(settings: Settings, timeout: float = 40.0) -> bool:
+    """Stop the stack; True if something was running."""
+    pid = running_pid(settings)
+    if pid is None:
+        _pid_file(settings).unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and running_pid(settings) is not None:
+        _reap(pid)
+        time.sleep(0.2)
+    if running_pid(settings) is not None:
+        os.killpg(pid, signal.SIGKILL)  # the session `up` created: only our own processes
+        _reap(pid)
+    _pid_file(settings).unlink(missing_ok=True)
+    state_file(settings).unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the supervisor if it is our child (tests start it in-process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+@dataclass
+class Status:
+    running: bool
+    pid: int | None
+    children: dict[str, dict[str, int | None]]
+    health: str
+
+
+def status(settings: Settings) -> Status:
+    pid = running_pid(settings)
+    try:
+        children = json.loads(state_file(settings).read_text()) if pid else {}
+    except (FileNotFoundError, ValueError):
+        children = {}
+    health = "not running"
+    if pid:
+        try:
+            answer = https_get(settings.hostname, settings.https_port, "/health",
+                               ca_file=_trust_file(settings), timeout=5)
+            health = "healthy" if answer.status == 200 else f"/health answered {answer.status}"
+        except OSError as exc:
+            health = f"unreachable: {exc}"
+    return Status(pid is not None, pid, children, health)
+
+
+def export_lines(settings: Settings, username: str, password: str | None) -> list[str]:
+    lines = [
+        f"export MLFLOW_TRACKING_URI={settings.public_url}",
+        f"export MLFLOW_TRACKING_USERNAME={username}",
+        f"export MLFLOW_TRACKING_PASSWORD={password or '<the password>'}",
+    ]
+    if settings.uses_local_ca:
+        lines.append(f"export MLFLOW_TRACKING_SERVER_CERT_PATH={settings.ca_cert}")
+    return lines

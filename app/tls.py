@@ -1,0 +1,147 @@
+"""TLS by default: a local CA and a server certificate for the configured host names.
+
+Clients trust the CA certificate (`MLFLOW_TRACKING_SERVER_CERT_PATH`), not a self-signed leaf,
+so the server certificate can be renewed or reissued for new names without touching clients.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .settings import Settings
+
+CA_DAYS = 3650
+SERVER_DAYS = 397  # the longest lifetime browsers accept for a leaf certificate
+RENEW_BEFORE = dt.timedelta(days=30)
+
+
+class TLSError(RuntimeError):
+    """A certificate problem with a message that says what to do."""
+
+
+def ensure_certificates(settings: Settings) -> bool:
+    """Make sure nginx has a certificate and key; return True if anything was (re)issued."""
+    if not settings.uses_local_ca:
+        for label, path in (("certificate", settings.tls_cert), ("key", settings.tls_key)):
+            if path is None or not Path(path).is_file():
+                raise TLSError(
+                    f"TLS {label} {path} not found: set TRACKGATE_TLS_CERT and TRACKGATE_TLS_KEY "
+                    "to readable PEM files, or unset both to use a generated local CA"
+                )
+        return False
+    settings.tls_dir.mkdir(parents=True, exist_ok=True)
+    ca_key_path = settings.tls_dir / "ca.key"
+    changed = False
+    if not (settings.ca_cert.is_file() and ca_key_path.is_file()):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = _issue_ca(ca_key, settings.hostname)
+        _write_key(ca_key_path, ca_key)
+        settings.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        changed = True
+    ca_cert = x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    if changed or _needs_server_cert(settings.cert_file, settings.server_names, ca_cert):
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue_server(server_key, settings.server_names, ca_cert, ca_key)  # type: ignore[arg-type]
+        _write_key(settings.key_file, server_key)
+        chain = cert.public_bytes(serialization.Encoding.PEM) + settings.ca_cert.read_bytes()
+        settings.cert_file.write_bytes(chain)
+        changed = True
+    return changed
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _issue_ca(key: ec.EllipticCurvePrivateKey, hostname: str) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"trackgate local CA ({hostname})")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _san(names: list[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def _issue_server(
+    key: ec.EllipticCurvePrivateKey,
+    names: list[str],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=SERVER_DAYS))
+        .add_extension(_san(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _needs_server_cert(path: Path, names: list[str], ca_cert: x509.Certificate) -> bool:
+    """True if the certificate is missing, expiring, from another CA, or for other names."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return True
+    if cert.issuer != ca_cert.subject or cert.not_valid_after_utc - _now() < RENEW_BEFORE:
+        return True
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    return set(san) != set(_san(names))
