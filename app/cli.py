@@ -127,7 +127,7 @@ def down(**values: Any) -> None:
 @_guard
 def status(**values: Any) -> None:
     """Say whether the stack runs, its processes, and whether /health answers through nginx."""
-    settings = _settings(values)
+    settings = stack.recorded_settings(_settings(values))
     state = stack.status(settings)
     if not state.running:
         click.echo("trackgate is not running (start it with `trackgate up`)")
@@ -198,6 +198,18 @@ def users_passwd(name: str, password_stdin: bool, **values: Any) -> None:
         raise UserError(f"no user {name!r}; use `trackgate users add {name}`")
     store.set_password(name, _read_password(password_stdin))
     click.echo(f"changed password of {name}")
+
+
+@users.command("set")
+@click.argument("name")
+@password_stdin_option
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_set(name: str, password_stdin: bool, **values: Any) -> None:
+    """Create NAME or set its password; prints 'unchanged' if it already had that password."""
+    store = _store(values)
+    changed = store.ensure(name, _read_password(password_stdin))
+    click.echo(f"changed: {name}" if changed else f"unchanged: {name}")
 
 
 @users.command("remove")
@@ -325,6 +337,17 @@ def prepare_cmd(site_path: Path | None, check: bool, **values: Any) -> None:
         click.echo(f"Created user '{stack.ADMIN}' with password: {password}")
         click.echo("It is shown only this once (only its bcrypt hash is stored).")
     click.echo(f"prepared {settings.data_dir}")
+
+
+@cli.command("tls")
+@setting_options("data_dir", "hostname")
+@_guard
+def tls_cmd(**values: Any) -> None:
+    """Issue the local CA and server certificate if missing, expiring or for other names
+    (prints 'changed' or 'unchanged'); with TRACKGATE_TLS_CERT/KEY only checks the files."""
+    settings = _settings(values)
+    changed = tls.ensure_certificates(settings)
+    click.echo(f"{'changed' if changed else 'unchanged'}: {settings.cert_file}")
 
 
 @cli.group("db")

@@ -52,6 +52,20 @@ def _pid_file(settings: Settings) -> Path:
     return settings.run_dir / "supervisor.pid"
 
 
+def _settings_file(settings: Settings) -> Path:
+    return settings.run_dir / "settings.json"
+
+
+def recorded_settings(settings: Settings) -> Settings:
+    """The settings the running stack was started with (flags given to `up` included)."""
+    try:
+        recorded = json.loads(_settings_file(settings).read_text())
+    except (FileNotFoundError, ValueError):
+        return settings
+    fields = {k.removeprefix("TRACKGATE_").lower(): v for k, v in recorded.items()}
+    return Settings(**fields)
+
+
 def running_pid(settings: Settings) -> int | None:
     """The supervisor's PID if the one we recorded is still alive."""
     try:
@@ -148,6 +162,7 @@ def up(settings: Settings) -> UpResult:
         start_new_session=True,  # survives the shell that ran `trackgate up`
     )
     _pid_file(settings).write_text(f"{proc.pid}\n")
+    _settings_file(settings).write_text(json.dumps(settings.to_env()))
     try:
         _wait_healthy(settings, proc)
     except BaseException:
@@ -217,6 +232,7 @@ def down(settings: Settings, timeout: float = 40.0) -> bool:
         _reap(pid)
     _pid_file(settings).unlink(missing_ok=True)
     state_file(settings).unlink(missing_ok=True)
+    _settings_file(settings).unlink(missing_ok=True)
     return True
 
 

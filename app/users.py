@@ -112,6 +112,22 @@ class HtpasswdStore:
                 raise UserError(f"no user {name!r}; use `trackgate users add {name}`")
             users[name] = hashed
 
+    def ensure(self, name: str, password: str) -> bool:
+        """Create NAME or change its password, unless it already verifies; True if changed.
+
+        Idempotent, for Ansible and first-start scripts: an unchanged password leaves the file
+        (and so every cached login) untouched.
+        """
+        validate_username(name)
+        validate_password(password)
+        current = self.read().get(name)
+        if current is not None and verify_hash(password, current):
+            return False
+        hashed = hash_password(password, self.rounds)
+        with self._editing() as users:
+            users[name] = hashed
+        return True
+
     def remove(self, name: str) -> None:
         with self._editing() as users:
             if name not in users:

@@ -1,0 +1,152 @@
+"""Test support: start the real stack (nginx + gateway + gunicorn MLflow) on free loopback
+ports, and make HTTP requests from chosen loopback source addresses.
+
+Failed logins are throttled per client IP, so negative tests send from their own 127.0.x.y
+address and never slow down the tests that log in correctly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from app import stack as stack_module
+from app.settings import Settings
+from app.users import HtpasswdStore
+
+_source_counter = itertools.count(2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fresh_source_ip() -> str:
+    """A loopback address no other request in this run used (127.0.x.y)."""
+    n = next(_source_counter)
+    return f"127.0.{n // 250 + 10}.{n % 250 + 2}"
+
+
+class _SourceAddressAdapter(HTTPAdapter):
+    def __init__(self, source_ip: str, **kwargs: Any) -> None:
+        self._source = (source_ip, 0)
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = self._source
+        super().init_poolmanager(*args, **kwargs)
+
+
+def session_from(source_ip: str | None = None) -> requests.Session:
+    session = requests.Session()
+    adapter = _SourceAddressAdapter(source_ip or fresh_source_ip())
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+@dataclass
+class RunningStack:
+    settings: Settings
+    admin_password: str
+
+    @property
+    def url(self) -> str:
+        return self.settings.public_url
+
+    @property
+    def ca(self) -> Path:
+        return self.settings.ca_cert
+
+    @property
+    def users(self) -> HtpasswdStore:
+        return HtpasswdStore(self.settings.htpasswd, self.settings.bcrypt_rounds)
+
+    def new_user(self, prefix: str = "user") -> tuple[str, str]:
+        name = f"{prefix}-{secrets.token_hex(3)}"
+        password = secrets.token_urlsafe(12)
+        self.users.add(name, password)
+        return name, password
+
+    def client_env(self, username: str = "admin", password: str | None = None) -> dict[str, str]:
+        """What a user exports before running a training script."""
+        return {
+            "MLFLOW_TRACKING_URI": self.url,
+            "MLFLOW_TRACKING_USERNAME": username,
+            "MLFLOW_TRACKING_PASSWORD": self.admin_password if password is None else password,
+            "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca),
+        }
+
+    def get(self, path: str, *, auth: tuple[str, str] | None = None,
+            source_ip: str | None = None, **kwargs: Any) -> requests.Response:
+        with session_from(source_ip) as session:
+            kwargs.setdefault("timeout", 30)
+            kwargs.setdefault("verify", str(self.ca))
+            return session.get(self.url + path, auth=auth, **kwargs)
+
+    def request(self, method: str, path: str, *, auth: tuple[str, str] | None = None,
+                source_ip: str | None = None, **kwargs: Any) -> requests.Response:
+        with session_from(source_ip) as session:
+            kwargs.setdefault("timeout", 30)
+            kwargs.setdefault("verify", str(self.ca))
+            return session.request(method, self.url + path, auth=auth, **kwargs)
+
+
+def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "hostname": "localhost",
+        "http_port": free_port(),
+        "https_port": free_port(),
+        "tracking_port": free_port(),
+        "gateway_port": free_port(),
+        "listen_address": "127.0.0.1",
+        "serve_model_port": free_port(),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def running_stack(data_dir: Path, **overrides: Any) -> Iterator[RunningStack]:
+    """`trackgate up` for real; always `down`, printing the logs if starting failed."""
+    settings = stack_settings(data_dir, **overrides)
+    try:
+        result = stack_module.up(settings)
+    except Exception:
+        _print_logs(settings)
+        raise
+    try:
+        assert result.admin_password, "a fresh stack creates the admin user"
+        yield RunningStack(settings, result.admin_password)
+    finally:
+        stack_module.down(settings)
+
+
+def _print_logs(settings: Settings) -> None:
+    logs = settings.logs
+    if logs is None or not logs.is_dir():
+        return
+    for path in sorted(logs.iterdir()):
+        print(f"==> {path} <==")
+        print("\n".join(path.read_text(errors="replace").splitlines()[-40:]))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus any MLflow/trackgate settings of the developer's shell."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "TRACKGATE_", "TRACKING_"))}
+    env.update(extra)
+    return env
