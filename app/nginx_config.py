@@ -16,6 +16,7 @@ from .settings import Settings
 
 SITE_TEMPLATE = "trackgate.conf.j2"
 MAIN_TEMPLATE = "nginx.conf.j2"
+SERVING_TEMPLATE = "serving-location.conf.j2"
 
 
 def template_dir() -> Path:
@@ -94,8 +95,8 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
     return ctx
 
 
-def render(settings: Settings, *, standalone: bool) -> str:
-    env = jinja2.Environment(
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(template_dir()),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -103,8 +104,25 @@ def render(settings: Settings, *, standalone: bool) -> str:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    template = env.get_template(MAIN_TEMPLATE if standalone else SITE_TEMPLATE)
+
+
+def render(settings: Settings, *, standalone: bool) -> str:
+    template = _environment().get_template(MAIN_TEMPLATE if standalone else SITE_TEMPLATE)
     return template.render(tg=context(settings, standalone=standalone))
+
+
+@dataclass
+class ServingContext:
+    """What serving-location.conf.j2 sees, as `tg.<name>`."""
+
+    name: str
+    upstream: str
+
+
+def render_serving_location(name: str, upstream: str) -> str:
+    """The location publishing one model of `trackgate serve-model` at /serving/NAME/."""
+    template = _environment().get_template(SERVING_TEMPLATE)
+    return template.render(tg=ServingContext(name, upstream))
 
 
 def write_if_changed(path: Path, text: str, *, check: bool = False) -> bool:
