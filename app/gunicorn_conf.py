@@ -19,10 +19,13 @@ def tracking_options(settings: Settings) -> dict[str, Any]:
         "graceful_timeout": 30,
         "keepalive": 75,  # longer than nginx's upstream keepalive, so nginx closes first
         "proc_name": "trackgate-tracking",
+        # Attribution: who did what, as verified by the gateway (nginx overwrites any client copy).
+        "accesslog": _access_log(settings, "tracking"),
+        "access_log_format": '%(h)s user=%({x-trackgate-user}i)s "%(r)s" %(s)s %(b)s %(M)sms',
         # gunicorn >= 25 opens a control socket in $HOME by default: two servers would share it,
         # and a hardened unit cannot write there. Nothing of ours uses it.
         "control_socket_disable": True,
-        **_logging(settings, "tracking"),
+        "errorlog": _error_log(settings, "tracking"),
     }
 
 
@@ -38,7 +41,7 @@ def gateway_options(settings: Settings) -> dict[str, Any]:
         "keepalive": 75,
         "proc_name": "trackgate-gateway",
         "control_socket_disable": True,
-        **_logging(settings, "gateway"),
+        "errorlog": _error_log(settings, "gateway"),
     }
 
 
@@ -46,8 +49,9 @@ def settings_bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _logging(settings: Settings, name: str) -> dict[str, Any]:
-    logs = settings.logs
-    if logs is None:
-        return {"errorlog": "-", "accesslog": None}
-    return {"errorlog": str(logs / f"{name}.log"), "accesslog": None}
+def _error_log(settings: Settings, name: str) -> str:
+    return "-" if settings.logs is None else str(settings.logs / f"{name}.log")
+
+
+def _access_log(settings: Settings, name: str) -> str:
+    return "-" if settings.logs is None else str(settings.logs / f"{name}-access.log")
