@@ -43,7 +43,8 @@ def test_every_path_family_refuses_bad_credentials_with_a_basic_challenge(
     auth = CASES[case](*member)
     response = stack.get(PATH_FAMILIES[family], auth=auth)
     assert response.status_code == 401
-    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+    assert response.headers["WWW-Authenticate"] == 'Basic realm="trackgate", charset="UTF-8"'
+    assert "MLFLOW_TRACKING_PASSWORD" in response.text
 
 
 @pytest.mark.parametrize("family", sorted(PATH_FAMILIES))
