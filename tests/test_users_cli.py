@@ -1,0 +1,155 @@
+"""`trackgate users`: clear errors on bad input, the file never corrupted, no lost updates."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from app.users import HtpasswdStore
+
+from .support import clean_env
+
+
+def trackgate(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        input=stdin, capture_output=True, text=True, timeout=60,
+        env=clean_env(TRACKGATE_DATA_DIR=str(data_dir), TRACKGATE_BCRYPT_ROUNDS="4"),
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    result = trackgate(tmp_path, "users", "add", "alice", "--password-stdin", stdin="first-pw\n")
+    assert result.returncode == 0, result.stderr
+    return tmp_path
+
+
+def _htpasswd(data_dir: Path) -> str:
+    return (data_dir / "htpasswd").read_text()
+
+
+@pytest.mark.parametrize("name, password, message", [
+    ("bob", "x" * 73 + "\n", "73 bytes"),
+    ("bob", "é" * 37 + "\n", "74 bytes"),  # bytes, not characters, count
+    ("bo:b", "pw\n", "contains ':'"),
+    ("bo b", "pw\n", "whitespace"),
+    ("bo\tb", "pw\n", "whitespace"),
+    ("", "pw\n", "username is empty"),
+    ("bob", "\n", "password is empty"),
+    ("bob", "", "password is empty"),
+    ("alice", "other\n", "exists"),
+])
+def test_bad_input_is_refused_clearly_and_leaves_the_file_as_it_was(
+    data_dir: Path, name: str, password: str, message: str
+) -> None:
+    before = _htpasswd(data_dir)
+    result = trackgate(data_dir, "users", "add", name, "--password-stdin", stdin=password)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _htpasswd(data_dir) == before
+
+
+def test_password_of_exactly_72_bytes_is_accepted(data_dir: Path) -> None:
+    result = trackgate(data_dir, "users", "add", "max", "--password-stdin", stdin="p" * 72 + "\n")
+    assert result.returncode == 0, result.stderr
+    assert HtpasswdStore(data_dir / "htpasswd").verify("max", "p" * 72)
+
+
+def test_password_stdin_reads_exactly_one_line(data_dir: Path) -> None:
+    result = trackgate(data_dir, "users", "add", "bob", "--password-stdin", stdin="one two\nthree\n")
+    assert result.returncode == 0, result.stderr
+    store = HtpasswdStore(data_dir / "htpasswd")
+    assert store.verify("bob", "one two")
+    assert not store.verify("bob", "one two\nthree")
+
+
+def test_passwd_remove_and_verify_change_what_the_file_accepts(data_dir: Path) -> None:
+    assert trackgate(data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n").returncode == 0
+    assert trackgate(data_dir, "users", "passwd", "alice", "--password-stdin", stdin="second-pw\n").returncode == 0
+    assert trackgate(data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n").returncode == 1
+    assert trackgate(data_dir, "users", "verify", "alice", "--password-stdin", stdin="second-pw\n").returncode == 0
+    assert trackgate(data_dir, "users", "remove", "alice").returncode == 0
+    assert trackgate(data_dir, "users", "list").stdout == ""
+
+
+@pytest.mark.parametrize("command", [["passwd", "ghost", "--password-stdin"], ["remove", "ghost"]])
+def test_unknown_user_is_a_clear_error(data_dir: Path, command: list[str]) -> None:
+    result = trackgate(data_dir, "users", *command, stdin="pw\n")
+    assert result.returncode == 1
+    assert "no user 'ghost'" in result.stderr
+
+
+def test_missing_data_directory_is_a_clear_error(tmp_path: Path) -> None:
+    result = trackgate(tmp_path / "missing", "users", "add", "bob", "--password-stdin", stdin="pw\n")
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_list_on_a_missing_file_is_empty_not_an_error(tmp_path: Path) -> None:
+    result = trackgate(tmp_path, "users", "list")
+    assert result.returncode == 0
+    assert result.stdout == ""
+
+
+def test_without_a_terminal_a_prompt_is_not_attempted(data_dir: Path) -> None:
+    result = trackgate(data_dir, "users", "add", "bob", stdin="")
+    assert result.returncode == 1
+    assert "--password-stdin" in result.stderr
+
+
+def test_writes_keep_the_file_mode_and_are_bcrypt(data_dir: Path) -> None:
+    path = data_dir / "htpasswd"
+    os.chmod(path, 0o600)
+    assert trackgate(data_dir, "users", "add", "bob", "--password-stdin", stdin="pw\n").returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert all(line.split(":", 1)[1].startswith("$2y$") for line in _htpasswd(data_dir).splitlines())
+
+
+def test_concurrent_adds_lose_nothing(data_dir: Path) -> None:
+    names = [f"user{i}" for i in range(16)]
+
+    def add(name: str) -> int:
+        return trackgate(data_dir, "users", "add", name, "--password-stdin", stdin=f"{name}-pw\n").returncode
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(add, names)) == [0] * len(names)
+    store = HtpasswdStore(data_dir / "htpasswd")
+    assert sorted(store.list()) == sorted(["alice", *names])
+    assert all(store.verify(name, f"{name}-pw") for name in names)
+
+
+def test_a_reader_never_sees_a_partial_file_while_users_change(data_dir: Path) -> None:
+    store = HtpasswdStore(data_dir / "htpasswd", rounds=4)
+    for i in range(30):
+        store.add(f"bulk{i}", "pw")
+    seen_bad = []
+
+    def read_many() -> None:
+        for _ in range(400):
+            text = (data_dir / "htpasswd").read_text()
+            if not text.endswith("\n") or "alice:" not in text:
+                seen_bad.append(text)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reader = pool.submit(read_many)
+        for i in range(30):
+            store.set_password(f"bulk{i}", "changed")
+        reader.result()
+    assert seen_bad == []
+
+
+def test_set_is_idempotent_for_provisioning(data_dir: Path) -> None:
+    first = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
+    again = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
+    changed = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw2\n")
+    assert (first.stdout, again.stdout, changed.stdout) == (
+        "changed: carol\n", "unchanged: carol\n", "changed: carol\n")
