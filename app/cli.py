@@ -307,6 +307,32 @@ def serve_cmd(server: str, **values: Any) -> None:
     (serve.run_tracking if server == "tracking" else serve.run_gateway)(settings)
 
 
+@cli.command("serve-model")
+@click.argument("model_uri")
+@click.option("--name", required=True,
+              help="Publish at /serving/NAME/invocations (letters, digits, '.', '_', '-').")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Scoring server worker processes.")
+@setting_options("data_dir", "serve_model_port")
+@_guard
+def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> None:
+    """Serve MODEL_URI (e.g. models:/NAME@champion) with the MLflow scoring server on loopback and
+    publish it through nginx behind the same login, until Ctrl-C. The model is downloaded
+    through the proxy with the exported MLFLOW_TRACKING_* credentials."""
+    from . import serving
+
+    port = values.pop("serve_model_port")
+    settings = stack.recorded_settings(_settings(values))
+
+    def ready(published: serving.Published) -> None:
+        click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
+
+    code = serving.serve_model(settings, model_uri, name, workers=workers,
+                               port=port or settings.serve_model_port, on_ready=ready)
+    click.echo(f"stopped serving {name}; /serving/{name}/ is unpublished")
+    sys.exit(code)
+
+
 @cli.command("supervise", hidden=True)
 @_guard
 def supervise_cmd() -> None:

@@ -1,0 +1,187 @@
+"""`trackgate serve-model`: publish a registered model through nginx, behind the same login.
+
+The model is downloaded through the proxy with the caller's exported credentials (exactly what a
+client machine would do), the MLflow pyfunc scoring server runs on loopback, and a location
+rendered from nginx/serving-location.conf.j2 publishes it at /serving/NAME/. Stopping (Ctrl-C,
+SIGTERM) removes the location again, so a stopped model never answers with a 502.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import requests
+
+from . import client, nginx_config
+from .settings import Settings
+from .stack import StackError, _port_in_use, find_nginx
+from .supervisor import nginx_argv
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+START_TIMEOUT = 120.0
+
+
+class ServingError(StackError):
+    """The model cannot be served or published; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    url: str  # the public invocations URL
+    upstream: str  # host:port of the scoring server
+    location_file: Path
+
+
+def validate_name(name: str) -> str:
+    """Names become part of a URL and of nginx config: letters, digits, '.', '_', '-' only."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise ServingError(f"{name!r} is not a serving name: use letters, digits, '.', '_' or '-' "
+                           "(at most 64, starting with a letter or digit)")
+    return name
+
+
+def location_file(settings: Settings, name: str) -> Path:
+    return nginx_config.serving_dir(settings) / f"{name}.conf"
+
+
+def download_model(model_uri: str, config: client.TrackingConfig, dst: Path) -> Path:
+    """Fetch the model through the proxy as any client would; clear errors for bad credentials."""
+    result = client.check(config)
+    if not result.ok:
+        raise client.ClientError(result.message)
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise ServingError(f"cannot download {model_uri}: {exc.message}") from exc
+
+
+def scoring_server_argv(model_path: Path, host: str, port: int,
+                        workers: int) -> tuple[list[str], dict[str, str]]:
+    """The command `mlflow models serve --env-manager local` runs, with this interpreter's uvicorn
+    (MLflow's own command names a bare `uvicorn`, which needs the venv on PATH)."""
+    from mlflow.pyfunc import scoring_server
+
+    command, env = scoring_server.get_cmd(str(model_path), port=port, host=host, nworkers=workers)
+    argv = shlex.split(command)
+    if argv[0] != "uvicorn":
+        raise ServingError(f"unexpected scoring server command from MLflow: {command}")
+    return [sys.executable, "-m", "uvicorn", *argv[1:]], env
+
+
+def reload_nginx(settings: Settings) -> None:
+    """Check the config, then reload nginx (the one `trackgate up` runs, else the system's)."""
+    nginx = find_nginx(settings)
+    standalone = settings.run_dir / "nginx.conf"
+    base = nginx_argv(settings, nginx)[:-2] if standalone.is_file() else [nginx]
+    test = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
+    if test.returncode != 0:
+        raise ServingError(f"nginx rejected the config:\n{test.stderr.strip()}")
+    reload = subprocess.run([*base, "-s", "reload"], capture_output=True, text=True)
+    if reload.returncode != 0:
+        raise ServingError(f"nginx did not reload (is the stack running?): "
+                           f"{reload.stderr.strip()}")
+
+
+def publish(settings: Settings, name: str, upstream: str) -> Path:
+    path = location_file(settings, name)
+    nginx_config.write_if_changed(path, nginx_config.render_serving_location(name, upstream))
+    try:
+        reload_nginx(settings)
+    except ServingError:
+        path.unlink(missing_ok=True)  # never leave a config nginx refuses
+        raise
+    return path
+
+
+def unpublish(settings: Settings, name: str) -> None:
+    path = location_file(settings, name)
+    if path.exists():
+        path.unlink()
+        reload_nginx(settings)
+
+
+def _wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServingError(f"the scoring server exited ({proc.returncode}) before {what}")
+        if check():
+            return
+        time.sleep(0.3)
+    raise ServingError(f"timed out after {START_TIMEOUT:.0f} s waiting until {what}")
+
+
+def _answers(url: str, **kwargs: object) -> bool:
+    try:
+        return requests.get(url, timeout=5, **kwargs).status_code == 200  # type: ignore[arg-type]
+    except requests.RequestException:
+        return False
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def serve_model(settings: Settings, model_uri: str, name: str, *, port: int, workers: int = 1,
+                on_ready: Callable[[Published], None] = lambda _p: None) -> int:
+    """Download, serve and publish until stopped; returns the scoring server's exit code."""
+    validate_name(name)
+    config = client.configure(env_file=".env")
+    host = "127.0.0.1"
+    if _port_in_use(host, port):
+        raise ServingError(f"port {port} on {host} is in use: choose another with "
+                           "--serve-model-port (or TRACKGATE_SERVE_MODEL_PORT)")
+    workdir = Path(tempfile.mkdtemp(prefix=f"trackgate-serve-{name}-"))
+    proc: subprocess.Popen[bytes] | None = None
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        model_path = download_model(model_uri, config, workdir)
+        argv, env = scoring_server_argv(model_path, host, port, workers)
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        upstream = f"{host}:{port}"
+        _wait_until(lambda: _answers(f"http://{upstream}/ping"), proc, "it answered /ping")
+        path = publish(settings, name, upstream)
+        base = f"{settings.public_url}/serving/{name}"
+        auth = (config.username, config.password or "") if config.username else None
+        verify: bool | str = config.cert_path or True
+        # nginx reloads asynchronously: ready means the public URL answers through the proxy.
+        _wait_until(lambda: _answers(f"{base}/ping", auth=auth, verify=verify), proc,
+                    f"{base}/ping answered through nginx")
+        on_ready(Published(name, f"{base}/invocations", upstream, path))
+        return proc.wait()
+    except _Stop:
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            unpublish(settings, name)
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            shutil.rmtree(workdir, ignore_errors=True)
+
