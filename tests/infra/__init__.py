@@ -1,0 +1,1 @@
+"""Test infrastructure helpers (containers, hosts) shared by trackgate's slower test tiers."""
