@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import secrets
 import threading
@@ -79,7 +80,7 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
 
 
 class Gateway:
-    """WSGI app answering nginx's auth subrequests at /auth (and /healthz for supervisors)."""
+    """WSGI app answering nginx's auth subrequests at /auth (/healthz and /stats for operators)."""
 
     def __init__(self, settings: Settings) -> None:
         self.users = HtpasswdWatcher(settings.htpasswd)
@@ -90,6 +91,10 @@ class Gateway:
         self._max_waiting = max(1, settings.gateway_threads // 2)
         self._waiting = 0
         self._waiting_lock = threading.Lock()
+        # Counters for operators (GET /stats on the loopback port; nginx never exposes it).
+        self.stats = {"cache_hits": 0, "bcrypt_checks": 0, "allowed": 0, "refused": 0,
+                      "throttled": 0, "shed": 0}
+        self._stats_lock = threading.Lock()
         # Unknown users are checked against this, so they cost the same time as known ones.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16), settings.bcrypt_rounds)
 
@@ -97,6 +102,9 @@ class Gateway:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             return _answer(start_response, "200 OK", body=b"OK")
+        if path == "/stats":
+            body = json.dumps({**self.stats, "cached_credentials": len(self.cache)}).encode()
+            return _answer(start_response, "200 OK", [("Content-Type", "application/json")], body)
         if path != "/auth":
             return _answer(start_response, "404 Not Found")
         credentials = parse_basic(environ.get("HTTP_AUTHORIZATION"))
@@ -105,21 +113,31 @@ class Gateway:
         username, password = credentials
         current_hash = self.users.hash_for(username)
         if current_hash is not None and self.cache.hit(username, password, current_hash):
+            self._count("cache_hits", "allowed")
             return _allow(start_response, username)
 
         client_ip = environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", "")
         keys = (f"ip:{client_ip}", f"user:{username}")
         wait = self.throttle.retry_after(*keys)
         if wait:
+            self._count("throttled")
             return _throttled(start_response, wait)
         verdict = self._check(password, current_hash)
         if verdict is None:
+            self._count("shed")
             return _throttled(start_response, 1)
         if verdict and current_hash is not None:
             self.cache.add(username, password, current_hash)
+            self._count("allowed")
             return _allow(start_response, username)
         self.throttle.record_failure(*keys)
+        self._count("refused")
         return _challenge(start_response)
+
+    def _count(self, *names: str) -> None:
+        with self._stats_lock:
+            for name in names:
+                self.stats[name] += 1
 
     def _check(self, password: str, current_hash: str | None) -> bool | None:
         """bcrypt under the concurrency cap; None when too many checks are already waiting."""
@@ -129,6 +147,7 @@ class Gateway:
             self._waiting += 1
         try:
             with self._bcrypt_slots:
+                self._count("bcrypt_checks")
                 ok = verify_hash(password, current_hash or self._decoy_hash)
         finally:
             with self._waiting_lock:
