@@ -85,8 +85,8 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
     )
     if standalone:
         logs = settings.logs
-        ctx.pid_file = str(settings.run_dir / "nginx.pid")
-        ctx.temp_dir = str(settings.run_dir / "nginx-temp")
+        ctx.pid_file = str(settings.nginx_runtime_dir / "nginx.pid")
+        ctx.temp_dir = str(settings.nginx_runtime_dir / "nginx-temp")
         if logs is not None:
             ctx.error_log = str(logs / "nginx-error.log")
             ctx.access_log = str(logs / "nginx-access.log")

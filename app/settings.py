@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     nginx_user: str | None = Field(
         default=None, description="User nginx workers run as when started as root (default www-data)."
     )
+    nginx_run_dir: Path | None = Field(
+        default=None,
+        description="Where nginx writes its pid and temp files; default data_dir/run "
+        "(containers: a writable dir, as the rendered config is mounted read-only).",
+    )
     log_dir: Path | None = Field(
         default=None, description="Where logs go; default data_dir/logs ('-' for stderr)."
     )
@@ -179,6 +184,10 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def nginx_runtime_dir(self) -> Path:
+        return self.nginx_run_dir or self.run_dir
 
     @property
     def logs(self) -> Path | None:
