@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -115,9 +115,6 @@ class Settings(BaseSettings):
     )
     serve_model_port: int = Field(
         default=5100, description="Loopback port of a model served with `trackgate serve-model`."
-    )
-    role: Literal["all", "tracking", "gateway"] = Field(
-        default="all", description="Internal: which server a container or unit runs."
     )
 
     @field_validator("extra_hostnames", mode="before")
