@@ -27,8 +27,8 @@ def _fail(message: str, code: int = 1) -> None:
 def _default_text(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
-        return {"data_dir": "~/.local/share/trackgate", "bcrypt_concurrency": "CPU count"}.get(
-            name, "computed")
+        return {"data_dir": "~/.local/share/trackgate", "bcrypt_concurrency": "CPU count",
+                "extra_hostnames": "none"}[name]
     return "derived" if field.default is None else str(field.default)
 
 
@@ -321,14 +321,17 @@ def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> N
     through the proxy with the exported MLFLOW_TRACKING_* credentials."""
     from . import serving
 
-    port = values.pop("serve_model_port")
-    settings = stack.recorded_settings(_settings(values))
+    own = _settings(values)
+    # A port from --serve-model-port or TRACKGATE_SERVE_MODEL_PORT must be free; otherwise
+    # the stack's default is used if free, else any free port.
+    port = own.serve_model_port if "serve_model_port" in own.model_fields_set else None
+    settings = stack.recorded_settings(own)
 
     def ready(published: serving.Published) -> None:
         click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
 
     code = serving.serve_model(settings, model_uri, name, workers=workers,
-                               port=port or settings.serve_model_port, on_ready=ready)
+                               port=port, on_ready=ready)
     click.echo(f"stopped serving {name}; /serving/{name}/ is unpublished")
     sys.exit(code)
 

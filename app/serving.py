@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -141,15 +142,27 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
-def serve_model(settings: Settings, model_uri: str, name: str, *, port: int, workers: int = 1,
-                on_ready: Callable[[Published], None] = lambda _p: None) -> int:
+def _choose_port(host: str, settings: Settings, port: int | None) -> int:
+    """The asked-for port (it must be free), else settings.serve_model_port, else any free one."""
+    if port is not None:
+        if _port_in_use(host, port):
+            raise ServingError(f"port {port} on {host} is in use: choose another with "
+                               "--serve-model-port (or TRACKGATE_SERVE_MODEL_PORT)")
+        return port
+    if not _port_in_use(host, settings.serve_model_port):
+        return settings.serve_model_port
+    with socket.socket() as sock:  # another model has the default port: let the OS pick
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | None = None,
+                workers: int = 1, on_ready: Callable[[Published], None] = lambda _p: None) -> int:
     """Download, serve and publish until stopped; returns the scoring server's exit code."""
     validate_name(name)
     config = client.configure(env_file=".env")
     host = "127.0.0.1"
-    if _port_in_use(host, port):
-        raise ServingError(f"port {port} on {host} is in use: choose another with "
-                           "--serve-model-port (or TRACKGATE_SERVE_MODEL_PORT)")
+    port = _choose_port(host, settings, port)
     workdir = Path(tempfile.mkdtemp(prefix=f"trackgate-serve-{name}-"))
     proc: subprocess.Popen[bytes] | None = None
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -1,0 +1,180 @@
+"""Workflow 3: a registered model served behind the same login, and served on a client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import nginx_config
+
+from ..support import RunningStack, free_port, fresh_source_ip
+from .conftest import user_env
+
+
+def _payload() -> dict[str, object]:
+    from sklearn.datasets import load_diabetes
+
+    X, _ = load_diabetes(return_X_y=True, as_frame=True)
+    head = X.head(3)
+    return {"dataframe_split": {"columns": list(head.columns), "data": head.values.tolist()}}
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 120,
+              proc: subprocess.Popen[str] | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    output = log.read_text() if log and log.exists() else ""
+    pytest.fail(f"timed out or exited waiting for {what}\n{output}")
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    log: Path
+    name: str
+    url: str
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@contextmanager
+def _serve_model(stack: RunningStack, model: str, name: str, workdir: Path,
+                 port: int | None = None) -> Iterator[Served]:
+    """`trackgate serve-model models:/MODEL@champion --name NAME` in a user's shell."""
+    log = workdir / "serve-model.log"
+    env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
+    if port is not None:
+        env["TRACKGATE_SERVE_MODEL_PORT"] = str(port)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve-model", f"models:/{model}@champion",
+             "--name", name], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+            text=True)
+    try:
+        _wait_for(lambda: "serving models:/" in log.read_text(), "serve-model to publish",
+                  proc=proc, log=log)
+        yield Served(proc, log, name, f"{stack.url}/serving/{name}/invocations")
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def served(stack: RunningStack, registered_model: dict[str, str],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    name = registered_model["name"]
+    with _serve_model(stack, name, name, tmp_path_factory.mktemp("serve"), free_port()) as s:
+        yield s
+
+
+def test_served_model_predicts_through_nginx_with_credentials(
+        stack: RunningStack, served: Served, registered_model: dict[str, str]) -> None:
+    assert served.url in served.log.read_text()  # it prints the public URL users call
+    answer = stack.request("POST", f"/serving/{served.name}/invocations", json=_payload(),
+                           auth=("admin", stack.admin_password))
+    assert answer.status_code == 200, answer.text
+    predictions = [round(v, 3) for v in answer.json()["predictions"]]
+    assert predictions == json.loads(registered_model["by_alias"])
+
+
+def test_curl_with_user_password_gets_predictions(stack: RunningStack, served: Served) -> None:
+    user, password = stack.new_user("scorer")  # any user of the server, not only admin
+    result = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", "--cacert", str(stack.ca), "-u", f"{user}:{password}",
+         "-H", "Content-Type: application/json", "-d", json.dumps(_payload()), served.url],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(json.loads(result.stdout)["predictions"]) == 3
+
+
+@pytest.mark.parametrize("wrong_password", [False, True], ids=["no-credentials", "wrong-password"])
+def test_served_model_refuses_without_valid_login(
+        stack: RunningStack, served: Served, wrong_password: bool) -> None:
+    # A throwaway user and source address: failures are throttled per user and per IP.
+    auth = (stack.new_user("victim")[0], "not-the-password") if wrong_password else None
+    answer = stack.request("POST", f"/serving/{served.name}/invocations", json=_payload(),
+                           auth=auth, source_ip=fresh_source_ip())
+    assert answer.status_code == 401
+    assert "predictions" not in answer.text
+
+
+def test_stopping_serve_model_unpublishes_the_location(
+        stack: RunningStack, registered_model: dict[str, str], tmp_path: Path) -> None:
+    name = registered_model["name"]
+    # No port given: the stack's serve_model_port, or any free port if another model has it.
+    with _serve_model(stack, name, f"{name}.stopping", tmp_path) as served:
+        _assert_unpublished_on_stop(stack, served)
+
+
+def _assert_unpublished_on_stop(stack: RunningStack, served: Served) -> None:
+    location = nginx_config.serving_dir(stack.settings) / f"{served.name}.conf"
+    assert location.is_file()
+    assert _stop(served.proc) == 0
+    assert not location.exists()
+    assert "unpublished" in served.log.read_text()
+
+    def gone() -> bool:  # nginx reloads asynchronously: the old workers drain first
+        answer = stack.request("POST", f"/serving/{served.name}/invocations", json=_payload(),
+                               auth=("admin", stack.admin_password))
+        return answer.status_code == 404
+    _wait_for(gone, "the location to disappear", timeout=30)
+
+
+def test_serve_model_rejects_names_that_are_not_url_safe(stack: RunningStack,
+                                                          tmp_path: Path) -> None:
+    env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
+    before = set(nginx_config.serving_dir(stack.settings).iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve-model", "models:/x@champion", "--name", "a/../b;"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "is not a serving name" in result.stderr
+    assert set(nginx_config.serving_dir(stack.settings).iterdir()) == before
+
+
+def test_mlflow_models_serve_on_a_client_downloads_through_the_proxy(
+        stack: RunningStack, registered_model: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "models-serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["mlflow", "models", "serve", "-m", f"models:/{registered_model['name']}/Production",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=tmp_path, env=user_env(stack), stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def pings() -> bool:
+            try:
+                return requests.get(f"{base}/ping", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+        _wait_for(pings, "mlflow models serve to answer /ping", proc=proc, log=log)
+        answer = requests.post(f"{base}/invocations", json=_payload(), timeout=30)
+        assert answer.status_code == 200, answer.text
+        predictions = [round(v, 3) for v in answer.json()["predictions"]]
+        assert predictions == json.loads(registered_model["by_stage"])
+    finally:
+        _stop(proc)
