@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian machine: installs what the tests need (apt packages,
+# the venv, Docker with locally built base images), then runs every tier with real components.
+#   bash scripts/test.sh              # all tiers: fast, deploy (Ansible), compose
+#   bash scripts/test.sh fast         # or any of: fast deploy compose (several allowed)
+set -Eeuo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV="${VENV:-.venv}"
+tiers=("$@")
+((${#tiers[@]})) || tiers=(fast deploy compose)
+for tier in "${tiers[@]}"; do
+  [[ "$tier" =~ ^(fast|deploy|compose)$ ]] || { echo "unknown tier '$tier' (fast, deploy, compose)" >&2; exit 2; }
+done
+
+say() { printf '\n[test] %s  (%ss elapsed)\n' "$*" "$SECONDS" >&2; }
+
+say "installing test requirements"
+VENV="$VENV" bash scripts/install.sh --test
+
+needs_docker=false
+for tier in "${tiers[@]}"; do [[ "$tier" != fast ]] && needs_docker=true; done
+if $needs_docker; then
+  say "making Docker ready (engine, compose plugin, local base images)"
+  TRACKGATE_PYTHON="$VENV/bin/python" bash scripts/docker-ready.sh
+fi
+
+declare -A marker=(
+  [fast]="not deploy and not compose and not slow"
+  [deploy]="deploy"
+  [compose]="compose"
+)
+failed=()
+for tier in "${tiers[@]}"; do
+  say "tier: $tier"
+  set +e
+  "$VENV/bin/python" -m pytest -m "${marker[$tier]}" tests
+  code=$?
+  set -e
+  # Any non-zero exit fails, including 5 (no tests collected): a tier that ran nothing is broken.
+  if ((code != 0)); then
+    ((code == 5)) && echo "[test] tier $tier collected no tests" >&2
+    failed+=("$tier(exit $code)")
+  fi
+done
+
+say "finished"
+if ((${#failed[@]})); then
+  echo "[test] FAILED tiers: ${failed[*]}" >&2
+  exit 1
+fi
+echo "[test] all tiers passed: ${tiers[*]}" >&2
