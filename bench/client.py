@@ -1,0 +1,97 @@
+"""A legitimate MLflow user, as its own process: the real `MlflowClient`, credentials from the
+MLFLOW_TRACKING_* environment, exactly as a training script runs.
+
+    python -m bench.client metrics --max-calls 20000
+    python -m bench.client artifacts --file PATH --download-dir DIR
+
+`metrics` sets up an experiment and a run (which also warms any credential cache), prints
+`ready`, then for each `go SECONDS` line on stdin calls `log_metric` until the time or count
+bound and prints one JSON line; any other line or EOF ends it. `artifacts` uploads one file
+with `log_artifact` and downloads it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+def _run(client: MlflowClient) -> str:
+    experiment = client.create_experiment(f"bench-{uuid.uuid4().hex[:12]}")
+    return client.create_run(experiment).info.run_id
+
+
+def metrics(max_calls: int) -> None:
+    """Log metrics in windows: each `go SECONDS` line on stdin runs one, answered by a JSON line."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = _run(client)
+    client.log_metric(run_id, "warmup", 0.0)
+    print("ready", flush=True)
+    step = 0
+    for line in sys.stdin:
+        command, _, seconds = line.strip().partition(" ")
+        if command != "go":
+            break
+        latencies: list[float] = []
+        errors: list[str] = []
+        start = time.monotonic()
+        deadline = start + float(seconds)
+        calls = 0
+        while time.monotonic() < deadline and calls < max_calls:
+            began = time.monotonic()
+            try:
+                client.log_metric(run_id, "loss", 1.0 / (step + 1), step=step)
+                latencies.append(time.monotonic() - began)
+            except Exception as exc:  # counted and reported, never hidden
+                errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            calls += 1
+            step += 1
+        print(json.dumps({"calls": len(latencies), "errors": len(errors),
+                          "first_errors": errors[:3], "elapsed": time.monotonic() - start,
+                          "latencies": latencies}), flush=True)
+
+
+def artifacts(path: Path, download_dir: Path) -> dict[str, object]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = _run(client)
+    began = time.monotonic()
+    client.log_artifact(run_id, str(path))
+    uploaded = time.monotonic()
+    local = Path(client.download_artifacts(run_id, path.name, str(download_dir)))
+    downloaded = time.monotonic()
+    size = local.stat().st_size
+    local.unlink()
+    if size != path.stat().st_size:
+        raise SystemExit(f"downloaded {size} bytes, uploaded {path.stat().st_size}")
+    return {"bytes": size, "upload_s": uploaded - began, "download_s": downloaded - uploaded}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    m = sub.add_parser("metrics")
+    m.add_argument("--max-calls", type=int, required=True, help="per window, at most")
+    a = sub.add_parser("artifacts")
+    a.add_argument("--file", type=Path, required=True)
+    a.add_argument("--download-dir", type=Path, required=True)
+    args = parser.parse_args()
+    if args.mode == "metrics":
+        metrics(args.max_calls)
+    else:
+        print(json.dumps(artifacts(args.file, args.download_dir)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The four servers the benchmark compares, each started on free loopback ports and stopped by PID.
+
+- bare: `trackgate serve tracking` (gunicorn + `mlflow.server:app`), no proxy, no auth;
+- trackgate: the full stack (`app.stack.up`: nginx + TLS + auth gateway + the same gunicorn);
+- textbook: nginx `auth_basic` with a bcrypt-12 htpasswd and TLS in front of the *bare* gunicorn;
+- mlflow-auth: MLflow's basic-auth app (`mlflow.server.auth:create_app`) with its credential cache
+  on, under the same gunicorn options (see bench/mlflow_auth.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from app import tls
+from app.settings import Settings
+from app.stack import find_nginx, running_pid
+from app.users import HtpasswdStore
+from tests.support import clean_env, free_port, running_stack
+
+BCRYPT_ROUNDS = 12
+START_TIMEOUT = 90.0
+USER = "bench"
+
+
+@dataclass
+class Target:
+    """One server as a client sees it: where it is and how to log in."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    htpasswd: Path | None = None  # where extra (flood-target) users go, for htpasswd servers
+    root_pid: int | None = None  # the process tree serving it, for CPU accounting
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("https://")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(urlsplit(self.url).port or (443 if self.tls else 80))
+
+    @property
+    def needs_auth(self) -> bool:
+        return self.username is not None
+
+    def client_env(self) -> dict[str, str]:
+        """What a user exports before running a training script against this server."""
+        env = {"MLFLOW_TRACKING_URI": self.url}
+        if self.username is not None and self.password is not None:
+            env["MLFLOW_TRACKING_USERNAME"] = self.username
+            env["MLFLOW_TRACKING_PASSWORD"] = self.password
+        if self.ca_file is not None:
+            env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(self.ca_file)
+        return env
+
+
+def _wait_http_ok(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}) at start; see {log}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} not healthy after {START_TIMEOUT:.0f} s; see {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Stop one process we started, by its PID; escalate to SIGKILL of its own session."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: only its own group
+        proc.wait(10)
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def tracking_settings(data_dir: Path, port: int) -> Settings:
+    """Settings of a standalone tracking server: trackgate's defaults (workers, threads)."""
+    return Settings(data_dir=data_dir, hostname="localhost", internal_host="127.0.0.1",
+                    tracking_port=port, log_dir=data_dir / "logs")
+
+
+@contextlib.contextmanager
+def bare_gunicorn(work: Path) -> Iterator[Target]:
+    """`trackgate serve tracking` on a free port: what the stack runs behind nginx."""
+    port = free_port()
+    settings = tracking_settings(work / "bare", port)
+    log = work / "bare" / "serve.out"
+    proc = _spawn([sys.executable, "-m", "app", "serve", "tracking"],
+                  clean_env(**settings.to_env()), log)
+    try:
+        _wait_http_ok(port, proc, "bare gunicorn", log)
+        yield Target("bare", f"http://127.0.0.1:{port}", root_pid=proc.pid)
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def trackgate_stack(work: Path) -> Iterator[Target]:
+    """The real stack via `app.stack.up`, with a bcrypt-12 user of its own."""
+    with running_stack(work / "trackgate", bcrypt_rounds=BCRYPT_ROUNDS) as stack:
+        password = secrets.token_urlsafe(12)
+        stack.users.add(USER, password)
+        yield Target("trackgate", stack.url, USER, password, stack.ca, stack.settings.htpasswd,
+                     running_pid(stack.settings))
+
+
+# A benchmark fixture, not product config: the minimal "nginx auth_basic + bcrypt" setup found in
+# tutorials, plus what any real deployment needs anyway (TLS, upstream keepalive, no body limit),
+# so that the only difference from trackgate is where and how often bcrypt runs.
+_TEXTBOOK_CONF = """\
+{user}worker_processes auto;
+pid {run}/nginx.pid;
+error_log {run}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {run}/access.log;
+    client_body_temp_path {run}/client_body;
+    proxy_temp_path {run}/proxy;
+    fastcgi_temp_path {run}/fastcgi;
+    uwsgi_temp_path {run}/uwsgi;
+    scgi_temp_path {run}/scgi;
+    upstream mlflow {{ server {upstream}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        proxy_read_timeout 900s;
+        proxy_send_timeout 900s;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        location = /health {{ proxy_pass http://mlflow; }}
+        location / {{
+            auth_basic "MLflow";
+            auth_basic_user_file {htpasswd};
+            proxy_pass http://mlflow;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def textbook_nginx(work: Path, upstream_port: int) -> Iterator[Target]:
+    """nginx `auth_basic` (bcrypt-12 htpasswd, checked on every request) + TLS, in front of
+    the bare gunicorn on `upstream_port`."""
+    base = work / "textbook"
+    run = base / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    # Only the local-CA certificate helper is reused; the tracking port is never started here.
+    cert_settings = Settings(data_dir=base, hostname="localhost")
+    tls.ensure_certificates(cert_settings)
+    password = secrets.token_urlsafe(12)
+    store = HtpasswdStore(base / "htpasswd", BCRYPT_ROUNDS)
+    store.add(USER, password)
+    port = free_port()
+    conf = run / "nginx.conf"
+    conf.write_text(_TEXTBOOK_CONF.format(
+        # Workers read the htpasswd file on every request: as root, let them run as root here
+        # (a throwaway fixture) instead of opening the benchmark's temp dirs to www-data.
+        user="user root;\n" if os.geteuid() == 0 else "",
+        run=run, upstream=f"127.0.0.1:{upstream_port}", port=port,
+        cert=cert_settings.cert_file, key=cert_settings.key_file, htpasswd=store.path,
+    ))
+    nginx = find_nginx(cert_settings)
+    subprocess.run([nginx, "-t", "-q", "-c", str(conf), "-p", str(run)], check=True)
+    log = run / "nginx.out"
+    proc = _spawn([nginx, "-c", str(conf), "-p", str(run), "-g", "daemon off;"], clean_env(), log)
+    try:
+        _wait_tls_up(port, proc, log)
+        yield Target("textbook", f"https://localhost:{port}", USER, password,
+                     cert_settings.ca_cert, store.path, proc.pid)
+    finally:
+        _stop(proc, signal.SIGQUIT)  # nginx's graceful stop
+
+
+def _wait_tls_up(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    import socket
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"textbook nginx exited ({proc.returncode}); see {log}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"textbook nginx did not listen in {START_TIMEOUT:.0f} s; see {log}")
+
+
+@contextlib.contextmanager
+def mlflow_basic_auth(work: Path) -> Iterator[Target]:
+    """MLflow's own basic-auth app with `auth_cache_ttl_seconds` on (it is off by default)."""
+    base = work / "mlflow-auth"
+    port = free_port()
+    password = secrets.token_urlsafe(12)
+    log = base / "serve.out"
+    argv = [sys.executable, "-m", "bench.mlflow_auth", str(base), str(port)]
+    env = clean_env(MLFLOW_AUTH_ADMIN_USERNAME=USER, MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                    MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+    proc = _spawn(argv, env, log)
+    try:
+        _wait_http_ok(port, proc, "MLflow basic-auth app", log)
+        yield Target("mlflow-auth", f"http://127.0.0.1:{port}", USER, password,
+                     root_pid=proc.pid)
+    finally:
+        _stop(proc)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
