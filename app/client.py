@@ -8,10 +8,12 @@ environment or a `.env` file, onto MLflow's own `MLFLOW_TRACKING_*` variables.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 from dotenv import dotenv_values, set_key
 
 # MLflow's variable <- the shorter alias users may set instead.
@@ -20,6 +22,7 @@ ALIASES = {
     "MLFLOW_TRACKING_USERNAME": "TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "TRACKING_PASSWORD",
     "MLFLOW_TRACKING_SERVER_CERT_PATH": "TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_INSECURE_TLS": "TRACKING_INSECURE_TLS",
 }
 USER_ENV_FILE = Path("~/.config/trackgate/credentials.env")
 
@@ -34,6 +37,7 @@ class TrackingConfig:
     username: str | None
     password: str | None = None
     cert_path: str | None = None
+    insecure_tls: bool = False
 
     def __repr__(self) -> str:  # never print the password
         shown = "***" if self.password else None
@@ -64,6 +68,7 @@ def resolve(env_file: str | Path | None = ".env") -> TrackingConfig:
         username=values.get("MLFLOW_TRACKING_USERNAME"),
         password=values.get("MLFLOW_TRACKING_PASSWORD"),
         cert_path=values.get("MLFLOW_TRACKING_SERVER_CERT_PATH"),
+        insecure_tls=values.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true",
     )
 
 
@@ -79,6 +84,7 @@ def configure(env_file: str | Path | None = ".env", *, require: bool = True) -> 
         ("MLFLOW_TRACKING_USERNAME", config.username),
         ("MLFLOW_TRACKING_PASSWORD", config.password),
         ("MLFLOW_TRACKING_SERVER_CERT_PATH", config.cert_path),
+        ("MLFLOW_TRACKING_INSECURE_TLS", "true" if config.insecure_tls else None),
     ):
         if value:
             os.environ[name] = value
@@ -110,11 +116,17 @@ def check(config: TrackingConfig, timeout: float = 15.0) -> CheckResult:
         return CheckResult(False, f"{config.uri} is not an http(s) URL of a tracking server")
     url = config.uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     auth = (config.username, config.password or "") if config.username else None
-    verify: bool | str = config.cert_path or True
+    verify: bool | str = False if config.insecure_tls else (config.cert_path or True)
     try:
-        response = requests.get(url, auth=auth, verify=verify, timeout=timeout,
-                                allow_redirects=False)
+        with warnings.catch_warnings():  # insecure TLS was asked for explicitly: no nagging
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            response = requests.get(url, auth=auth, verify=verify, timeout=timeout,
+                                    allow_redirects=False)
     except requests.exceptions.SSLError as exc:
+        if "mismatch" in str(exc):  # OpenSSL: "Hostname mismatch" / "IP address mismatch"
+            return CheckResult(False, (
+                f"TLS: the server's certificate is not for the host name in {config.uri} "
+                f"({_short(exc)}); use the host name the server was set up with"))
         return CheckResult(False, (
             f"TLS: the server's certificate is not trusted ({_short(exc)}). If it uses trackgate's "
             "local CA, export MLFLOW_TRACKING_SERVER_CERT_PATH=/path/to/ca.pem"))
