@@ -63,8 +63,10 @@ def main() -> None:
     print(f"run: {run.info.run_id}")
 
     # Pre-deployment check: score the logged model as the serving host would load it.
+    print("pre-deployment check: ", end="", flush=True)
     mlflow.models.predict(model_uri=pinned.model_uri, input_data=example,
                           env_manager="local", content_type="json")
+    print()  # predict() writes the predictions without a newline
 
     for info in (pinned, extra):
         local = Path(mlflow.artifacts.download_artifacts(info.model_uri))

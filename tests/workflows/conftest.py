@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from ..support import RunningStack, clean_env, running_stack
 
@@ -44,12 +45,15 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture
-def mlflow_client(stack: RunningStack, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """An MlflowClient in the test process with exactly the exported credentials."""
-    from mlflow import MlflowClient
-
+def exported_credentials(stack: RunningStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test process sees exactly the MLFLOW_TRACKING_* a user exports."""
     for name, value in stack.client_env().items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def mlflow_client(exported_credentials: None) -> MlflowClient:
+    """An MlflowClient in the test process with exactly the exported credentials."""
     return MlflowClient()
 
 
