@@ -1,0 +1,159 @@
+"""Drive the compose/ stack with the real `docker compose`, under a project name of its own.
+
+Every setting comes from an env file the test writes (`--env-file`), and the developer's shell
+and compose/.env cannot leak in: the variables of the child process are cleaned first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.settings import Settings
+
+from ..support import RunningStack, free_port
+
+COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
+VARIANT_FILES = {
+    "sqlite": ("compose.yaml",),
+    "postgres": ("compose.yaml", "compose.postgres.yaml"),
+}
+ADMIN_LINE = re.compile(r"Created user 'admin' with password: (\S+)")
+
+
+class ComposeError(RuntimeError):
+    """A `docker compose` command failed; the message holds its output."""
+
+
+def docker_env() -> dict[str, str]:
+    """The environment minus anything that would configure compose or trackgate behind our back."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("COMPOSE_", "TRACKGATE_", "MLFLOW_", "DOCKER_DEFAULT_PLATFORM"))}
+
+
+def docker(*args: str, timeout: float = 60) -> str:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                            env=docker_env())
+    if result.returncode != 0:
+        raise ComposeError(f"docker {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+@dataclass
+class ComposeProject:
+    name: str
+    files: tuple[str, ...]
+    env_file: Path
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = ["docker", "compose", "--project-name", self.name, "--env-file", str(self.env_file)]
+        for name in self.files:
+            argv += ["-f", str(COMPOSE_DIR / name)]
+        result = subprocess.run([*argv, *args], input=input, capture_output=True, text=True,
+                                timeout=timeout, env=docker_env(), cwd=COMPOSE_DIR)
+        if check and result.returncode != 0:
+            raise ComposeError(f"docker compose {' '.join(args)} exited {result.returncode}:\n"
+                               f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        return result
+
+    def up(self) -> None:
+        self.run("up", "--detach", "--wait", "--wait-timeout", "300", "--no-build")
+
+    def down(self, *, volumes: bool = False) -> None:
+        self.run("down", "--timeout", "20", *(["--volumes"] if volumes else []), timeout=300)
+
+    def logs(self, *services: str) -> str:
+        return self.run("logs", "--no-color", "--no-log-prefix", *services, check=False).stdout
+
+    def exec(self, service: str, *command: str, input: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("exec", "-T", service, *command, input=input, timeout=120, check=check)
+
+    def container(self, service: str) -> str:
+        ids = self.run("ps", "--all", "--quiet", service).stdout.split()
+        assert len(ids) == 1, f"expected one {service} container, got {ids}"
+        return ids[0]
+
+    def state(self, service: str) -> dict[str, object]:
+        info = json.loads(docker("inspect", self.container(service)))[0]
+        return {"restarts": info["RestartCount"], "pid": info["State"]["Pid"],
+                "status": info["State"]["Status"],
+                "health": (info["State"].get("Health") or {}).get("Status")}
+
+    def crash(self, service: str, timeout: float = 180) -> None:
+        """SIGKILL the service's main process from outside, as a crash or the OOM killer would
+        (`docker kill` counts as a deliberate stop, which `restart: unless-stopped` respects);
+        return once the restarted container is healthy again."""
+        before = self.state(service)
+        os.kill(int(before["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.state(service)
+            if now["restarts"] > before["restarts"] and now["health"] == "healthy":  # type: ignore[operator]
+                return
+            time.sleep(1)
+        raise ComposeError(f"{service} did not come back healthy in {timeout:.0f} s: {now}")
+
+
+@dataclass
+class ComposeStack(RunningStack):
+    """A RunningStack (url, ca, get, client_env...) whose servers run in compose containers."""
+
+    project: ComposeProject = field(kw_only=True)
+    variant: str = field(kw_only=True)
+
+    def new_user(self, prefix: str = "user") -> tuple[str, str]:
+        name = f"{prefix}-{secrets.token_hex(3)}"
+        password = secrets.token_urlsafe(12)
+        self.project.exec("gateway", "trackgate", "users", "add", name, "--password-stdin",
+                          input=password + "\n")
+        return name, password
+
+    def remove_user(self, name: str) -> None:
+        self.project.exec("gateway", "trackgate", "users", "remove", name)
+
+
+def write_env_file(path: Path, **settings: str) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()), encoding="utf-8")
+
+
+def start(variant: str, work: Path) -> ComposeStack:
+    """`up --wait` a fresh project of this variant on free loopback ports (images prebuilt)."""
+    https_port, http_port = free_port(), free_port()
+    env_file = work / "compose.env"
+    write_env_file(
+        env_file,
+        TRACKGATE_HOSTNAME="localhost",
+        TRACKGATE_PUBLISH_ADDRESS="127.0.0.1",
+        TRACKGATE_HTTPS_PORT=str(https_port),
+        TRACKGATE_HTTP_PORT=str(http_port),
+        TRACKGATE_BCRYPT_ROUNDS="4",  # fast tests; the cost itself is tested elsewhere
+        # Behind Docker's userland proxy every client has the same address: no throttling here.
+        TRACKGATE_FAILURE_LIMIT="100000",
+    )
+    project = ComposeProject(f"tgtest-{variant}-{secrets.token_hex(3)}", VARIANT_FILES[variant],
+                             env_file)
+    try:
+        project.up()
+    except BaseException:
+        print(project.logs())
+        project.down(volumes=True)
+        raise
+    match = ADMIN_LINE.search(project.logs("init"))
+    assert match, "the init service prints the generated admin password on first start"
+    data_dir = work / "client"
+    settings = Settings(data_dir=data_dir, hostname="localhost", https_port=https_port,
+                        http_port=http_port, tls_cert=None, tls_key=None)
+    settings.tls_dir.mkdir(parents=True)
+    # What a user does to trust the local CA: copy it out of the stack.
+    ca = project.exec("nginx", "cat", "/var/lib/trackgate/tls/ca.pem").stdout
+    settings.ca_cert.write_text(ca, encoding="utf-8")
+    return ComposeStack(settings, match.group(1), project=project, variant=variant)
