@@ -174,8 +174,11 @@ def _explain(status: int, response: requests.Response, config: TrackingConfig) -
         return CheckResult(False, f"{status}: the proxy is up but the tracking server or auth "
                                   "gateway is not; run `trackgate status` on the server")
     if status == 504:
-        return CheckResult(False, "504: the tracking server took too long; for long uploads raise "
-                                  "TRACKGATE_PROXY_TIMEOUT on the server")
+        # The check is one tiny request: a timeout here means MLflow is stuck, not slow uploads.
+        return CheckResult(False, "504: the proxy gave up waiting for the tracking server, which "
+                                  "is hung or overloaded; run `trackgate status` on the server "
+                                  "and restart it (if only long uploads fail, raise "
+                                  "TRACKGATE_PROXY_TIMEOUT instead)")
     if status == 500:
         return CheckResult(False, "500: the server failed (if every request fails, the auth "
                                   "gateway may be down: run `trackgate status` on the server)")

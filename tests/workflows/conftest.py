@@ -22,7 +22,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 def user_env(stack: RunningStack, **extra: str) -> dict[str, str]:
     """A user's shell: the exported MLFLOW_TRACKING_* only, and the venv activated."""
-    env = clean_env(**stack.client_env(), **extra)
+    env = clean_env(**{**stack.client_env(), **extra})
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)  # the examples must not see the repo by accident
     return env
