@@ -44,23 +44,27 @@ from . import targets as tg
 REPO = Path(__file__).resolve().parent.parent
 HEALTH_INTERVAL = 0.05
 HEALTH_TIMEOUT = 5.0
-FLOOD_RAMP = 2.0  # seconds the flood runs before legit clients start, so queues are full
 
 
 @dataclass(frozen=True)
 class Plan:
     seconds: float  # measured window of each cell
     rounds: int  # interleaved rounds of the no-flood cells (the median is reported)
+    artifact_rounds: int  # interleaved transfers per path (the fastest is reported)
     max_calls: int  # per client and window, a second bound besides time
     artifact_bytes: int
     concurrency: int = 4
     flood_threads: int = 8
     flood_rate: float = 25.0  # guesses/s per flood thread, at most
     flood_users: int = 100
+    # Seconds the flood runs before the window opens: a real attack lasts minutes, so measure
+    # its steady state, not the first guesses before any throttle has seen a failure.
+    flood_ramp: float = 5.0
 
 
-FULL = Plan(seconds=12, rounds=3, max_calls=20_000, artifact_bytes=1 << 30)
-QUICK = Plan(seconds=4, rounds=1, max_calls=5_000, artifact_bytes=64 << 20)
+FULL = Plan(seconds=12, rounds=3, artifact_rounds=2, max_calls=20_000, artifact_bytes=1 << 30)
+QUICK = Plan(seconds=4, rounds=1, artifact_rounds=1, max_calls=5_000, artifact_bytes=64 << 20,
+             flood_ramp=2.0)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Cell:
     health_probes: int = 0
     flood_rate: float = 0.0
     flood_by_status: dict[str, int] = field(default_factory=dict)
+    flood_p50_ms: float = float("nan")  # how long the attacker waited for an answer
     kind: str = "round"  # "round" (interleaved, for cross-server ratios), "paired", "flood"
     baseline_rate: float = float("nan")  # flood cells: the paired no-flood window just before
     load1: float = 0.0  # the machine's 1-min load average as the window started
@@ -224,7 +229,7 @@ def run_cell(target: tg.Target, pool: ClientPool, plan: Plan, clients: int, floo
             flooder = stack.enter_context(_child(_flood_argv(target, plan, flood, flood_users),
                                                  clean_env(), logs / f"{target.name}.flood.log"))
             flooder[1].next(60, "flood start")
-            time.sleep(FLOOD_RAMP)
+            time.sleep(plan.flood_ramp)
         cell.load1 = os.getloadavg()[0]
         prober = HealthProber(target)
         prober.start()
@@ -243,6 +248,7 @@ def run_cell(target: tg.Target, pool: ClientPool, plan: Plan, clients: int, floo
             report = json.loads(lines.next(60, "flood report"))
             cell.flood_rate = report["requests"] / max(report["elapsed"], 1e-9)
             cell.flood_by_status = report["by_status"]
+            cell.flood_p50_ms = report["p50_ms"]
     latencies = [x for r in results for x in r["latencies"]]
     cell.calls = sum(r["calls"] for r in results)
     cell.errors = sum(r["errors"] for r in results)
@@ -319,7 +325,7 @@ def main() -> None:
     logs.mkdir()
     print(f"work dir: {work}", flush=True)
     cells: list[Cell] = []
-    transfers: dict[str, dict[str, float]] = {}
+    transfers: dict[str, list[dict[str, float]]] = {}
     flood_names = [f"flood-{i:03d}" for i in range(plan.flood_users)]
     try:
         with contextlib.ExitStack() as stack:
@@ -354,12 +360,15 @@ def main() -> None:
                         flooded = cell(server, clients, variant, "flood")
                         flooded.baseline_rate = before.rate
             source = _sparse_file(work / "artifact.bin", plan.artifact_bytes)
-            for server in (bare, servers[1]):
-                transfers[server.name] = run_artifacts(server, source, logs, work)
-                print(f"  artifacts {server.name}: {transfers[server.name]}", flush=True)
+            for _ in range(plan.artifact_rounds):
+                for server in (bare, servers[1]):
+                    result = run_artifacts(server, source, logs, work)
+                    transfers.setdefault(server.name, []).append(result)
+                    print(f"  artifacts {server.name}: {result}", flush=True)
             source.unlink()
     finally:
-        (work / "cells.json").write_text(json.dumps([asdict(c) for c in cells], indent=1))
+        (work / "cells.json").write_text(json.dumps({"cells": [asdict(c) for c in cells],
+                                                     "transfers": transfers}, indent=1))
         if not args.keep:
             for name in ("bare", "trackgate", "textbook", "mlflow-auth"):
                 tg.remove_tree(work / name)

@@ -132,9 +132,11 @@ def bare_gunicorn(work: Path) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def trackgate_stack(work: Path) -> Iterator[Target]:
-    """The real stack via `app.stack.up`, with a bcrypt-12 user of its own."""
-    with running_stack(work / "trackgate", bcrypt_rounds=BCRYPT_ROUNDS) as stack:
+def trackgate_stack(work: Path, **overrides: str) -> Iterator[Target]:
+    """The real stack via `app.stack.up`, with a bcrypt-12 user of its own; `overrides` are
+    settings fields (e.g. bcrypt_concurrency), for experiments."""
+    settings = {"bcrypt_rounds": BCRYPT_ROUNDS, **overrides}
+    with running_stack(work / "trackgate", **settings) as stack:
         password = secrets.token_urlsafe(12)
         stack.users.add(USER, password)
         yield Target("trackgate", stack.url, USER, password, stack.ca, stack.settings.htpasswd,
