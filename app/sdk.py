@@ -150,8 +150,9 @@ def training_run(
     On entry: configure and check credentials, get or create `experiment`, enable autolog
     (`autolog` may be a mapping of `mlflow.autolog` options, e.g. {"log_models": False}), start
     the run, log `params` (nested keys dotted) and `tags`, and log the calling script under
-    `code/` for lineage. On exit: log every model file (MODEL_SUFFIXES) under `model_dirs` that
-    the block created or changed, under `model_files/`. An exception marks the run FAILED.
+    `code/` for lineage. On exit, also after an exception (which marks the run FAILED): log
+    every model file (MODEL_SUFFIXES) under `model_dirs` that the block created or changed,
+    under `model_files/`.
     """
     import mlflow
 
@@ -169,8 +170,10 @@ def training_run(
         if script is not None:
             mlflow.log_artifact(str(script), artifact_path="code")
             mlflow.set_tag("trackgate.script", script.name)
-        yield run
-        written = [path for path, mtime in _model_files(roots).items()
-                   if before.get(path) != mtime]
-        for path in sorted(written):
-            mlflow.log_artifact(str(path), artifact_path="model_files")
+        try:
+            yield run
+        finally:  # a failed run keeps its checkpoints too: they show how far it got
+            written = [path for path, mtime in _model_files(roots).items()
+                       if before.get(path) != mtime]
+            for path in sorted(written):
+                mlflow.log_artifact(str(path), artifact_path="model_files")
