@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -152,15 +153,16 @@ def up(settings: Settings) -> UpResult:
     _check_ports(settings)
     password = prepare(settings)
     _nginx_test(settings, nginx)
-    log = open(settings.logs / "supervisor.log", "ab") if settings.logs else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "supervise"],
-        env={**os.environ, **settings.to_env()},
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # survives the shell that ran `trackgate up`
-    )
+    log_path = settings.logs / "supervisor.log" if settings.logs else Path(os.devnull)
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "supervise"],
+            env={**os.environ, **settings.to_env()},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the shell that ran `trackgate up`
+        )
     _pid_file(settings).write_text(f"{proc.pid}\n")
     _settings_file(settings).write_text(json.dumps(settings.to_env()))
     try:
@@ -238,10 +240,8 @@ def down(settings: Settings, timeout: float = 40.0) -> bool:
 
 def _reap(pid: int) -> None:
     """Collect the supervisor if it is our child (tests start it in-process)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 @dataclass
