@@ -9,20 +9,21 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/trackgate
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone (with a stub package), so that changing the code
-# rebuilds only the last layer; the pip cache survives rebuilds (BuildKit cache mount).
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone (with a stub package and README), so that changing
+# the code or docs rebuilds only the last layers; the pip cache survives rebuilds (BuildKit cache mount).
+COPY pyproject.toml ./
 # build_ca (optional build secret): the CA bundle of the build host, for networks whose HTTPS
 # proxy re-signs PyPI's certificates. The pip step uses it when it is given.
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=build_ca \
     if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
- && mkdir -p app nginx && touch app/__init__.py nginx/.stub \
+ && mkdir -p app nginx && touch README.md app/__init__.py nginx/.stub \
  && /opt/trackgate/bin/pip install --disable-pip-version-check '.[postgres]' \
- && rm -rf app nginx \
+ && rm -rf README.md app nginx \
  # The server never plots or trains: drop mlflow's client-side ML/plotting stack (~290 MB).
  && /opt/trackgate/bin/pip uninstall -y --disable-pip-version-check scikit-learn scipy \
       matplotlib fonttools kiwisolver contourpy cycler pillow joblib threadpoolctl
+COPY README.md ./
 COPY app ./app
 COPY nginx ./nginx
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \

@@ -30,10 +30,18 @@ if [[ ! -s "$PGDATA/PG_VERSION" ]]; then
     --auth-local=peer --auth-host=scram-sha-256 >/dev/null
   # The app connects over the compose network, with its password only, to its database only.
   printf 'host %s %s all scram-sha-256\n' "$DB" "$ROLE" >>"$PGDATA/pg_hba.conf"
-  as_postgres "$BIN/postgres" --single -D "$PGDATA" -j postgres >/dev/null <<SQL
+  # Single-user mode: one statement per line (CREATE DATABASE refuses a transaction block).
+  # It exits 0 even when a statement fails, so look at what it said.
+  out="$(as_postgres "$BIN/postgres" --single -D "$PGDATA" postgres 2>&1 <<SQL
 CREATE ROLE $ROLE LOGIN PASSWORD '$password';
 CREATE DATABASE $DB OWNER $ROLE;
 SQL
+)"
+  if grep -q 'ERROR' <<<"$out"; then
+    grep 'ERROR' <<<"$out" >&2  # only the errors: a STATEMENT line would show the password
+    find "$PGDATA" -mindepth 1 -delete  # start over on the next attempt
+    exit 1
+  fi
   echo "trackgate-postgres: created database $DB (password in the db-secret volume)"
 fi
 exec setpriv --reuid=postgres --regid=postgres --init-groups \
