@@ -184,7 +184,8 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
             raise StackError(f"{crashing} keeps exiting at start:\n{_log_tail(settings, crashing)}")
         try:
             answer = https_get(settings.hostname, settings.https_port, "/health",
-                               ca_file=_trust_file(settings), timeout=5)
+                               ca_file=_trust_file(settings),
+                               verify=settings.uses_local_ca, timeout=5)
             if answer.status == 200:
                 return
             last = f"/health answered {answer.status}"
@@ -215,6 +216,7 @@ def _log_tail(settings: Settings, name: str, lines: int = 15) -> str:
 
 
 def _trust_file(settings: Settings) -> Path | None:
+    """Our own CA when we issued the certificate; an operator's may chain to a private CA."""
     return settings.ca_cert if settings.uses_local_ca else None
 
 
@@ -262,7 +264,8 @@ def status(settings: Settings) -> Status:
     if pid:
         try:
             answer = https_get(settings.hostname, settings.https_port, "/health",
-                               ca_file=_trust_file(settings), timeout=5)
+                               ca_file=_trust_file(settings),
+                               verify=settings.uses_local_ca, timeout=5)
             health = "healthy" if answer.status == 200 else f"/health answered {answer.status}"
         except OSError as exc:
             health = f"unreachable: {exc}"
