@@ -30,11 +30,13 @@ declare -A marker=(
   [deploy]="deploy"
   [compose]="compose"
 )
+reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
 failed=()
 for tier in "${tiers[@]}"; do
   say "tier: $tier"
   set +e
-  "$VENV/bin/python" -m pytest -m "${marker[$tier]}" tests
+  "$VENV/bin/python" -m pytest -m "${marker[$tier]}" --junitxml "$reports/$tier.xml" tests
   code=$?
   set -e
   # Any non-zero exit fails, including 5 (no tests collected): a tier that ran nothing is broken.
@@ -45,6 +47,17 @@ for tier in "${tiers[@]}"; do
 done
 
 say "finished"
+# One closing line for the whole run, summed over the tiers' reports.
+"$VENV/bin/python" - "$reports" <<'PY'
+import pathlib, sys, xml.etree.ElementTree as ET
+n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for report in pathlib.Path(sys.argv[1]).glob("*.xml"):
+    for suite in ET.parse(report).getroot().iter("testsuite"):
+        for key in n:
+            n[key] += int(suite.get(key, 0))
+bad = n["failures"] + n["errors"]
+print(f"total: {n['tests'] - bad - n['skipped']} passed, {bad} failed, {n['skipped']} skipped")
+PY
 if ((${#failed[@]})); then
   echo "[test] FAILED tiers: ${failed[*]}" >&2
   exit 1
