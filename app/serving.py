@@ -8,6 +8,7 @@ SIGTERM) removes the location again, so a stopped model never answers with a 502
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -116,6 +117,32 @@ def unpublish(settings: Settings, name: str) -> None:
         reload_nginx(settings)
 
 
+def _claim(settings: Settings, name: str) -> Path:
+    """Record that this process serves NAME; refuse if a live serve-model already does. A
+    file left by a killed serve-model (dead PID) is simply taken over."""
+    owner = nginx_config.serving_dir(settings) / f"{name}.pid"
+    try:
+        other = int(owner.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        other = None
+    if other is not None and other != os.getpid() and _alive(other):
+        raise ServingError(f"{name!r} is already served by `trackgate serve-model` (pid {other}): "
+                           "stop that one first, or choose another --name")
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    owner.write_text(f"{os.getpid()}\n")
+    return owner
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -163,6 +190,7 @@ def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | No
     config = client.configure(env_file=".env")
     host = "127.0.0.1"
     port = _choose_port(host, settings, port)
+    owner = _claim(settings, name)  # before the try: never unpublish another process's model
     workdir = Path(tempfile.mkdtemp(prefix=f"trackgate-serve-{name}-"))
     proc: subprocess.Popen[bytes] | None = None
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -197,4 +225,5 @@ def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | No
                     proc.kill()
                     proc.wait()
             shutil.rmtree(workdir, ignore_errors=True)
+            owner.unlink(missing_ok=True)
 

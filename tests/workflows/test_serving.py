@@ -133,6 +133,7 @@ def _assert_unpublished_on_stop(stack: RunningStack, served: Served) -> None:
     assert location.is_file()
     assert _stop(served.proc) == 0
     assert not location.exists()
+    assert not location.with_suffix(".pid").exists()
     assert "unpublished" in served.log.read_text()
 
     def gone() -> bool:  # nginx reloads asynchronously: the old workers drain first
@@ -178,3 +179,21 @@ def test_mlflow_models_serve_on_a_client_downloads_through_the_proxy(
         assert predictions == json.loads(registered_model["by_stage"])
     finally:
         _stop(proc)
+
+
+def test_second_serve_model_for_the_same_name_is_refused_and_changes_nothing(
+        stack: RunningStack, served: Served, tmp_path: Path) -> None:
+    location = nginx_config.serving_dir(stack.settings) / f"{served.name}.conf"
+    published = location.read_text()
+    env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir),
+                   TRACKGATE_SERVE_MODEL_PORT=str(free_port()))
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve-model", f"models:/{served.name}@champion",
+         "--name", served.name], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 1
+    assert f"already served by `trackgate serve-model` (pid {served.proc.pid})" in result.stderr
+    assert location.read_text() == published  # the running one keeps its location
+    answer = stack.request("POST", f"/serving/{served.name}/invocations", json=_payload(),
+                           auth=("admin", stack.admin_password))
+    assert answer.status_code == 200
