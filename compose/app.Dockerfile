@@ -6,7 +6,7 @@ ARG BASE=debian:bookworm-slim
 FROM ${BASE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/trackgate
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone (with a stub package and README), so that changing
@@ -35,7 +35,7 @@ RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
 FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 # A fixed uid/gid, shared with the nginx image: nginx reads the key the init service wrote.
 ARG UID=10001
 RUN groupadd --gid "${UID}" trackgate \

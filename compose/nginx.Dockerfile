@@ -8,7 +8,7 @@ FROM ${BASE}
 RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d \
  && apt-get update \
  && apt-get install -y --no-install-recommends nginx-light \
- && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/default \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/default \
  && rm /usr/sbin/policy-rc.d
 ARG UID=10001
 RUN groupadd --gid "${UID}" trackgate \

@@ -6,7 +6,7 @@ FROM ${BASE}
 RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d \
  && apt-get update \
  && apt-get install -y --no-install-recommends postgresql-15 \
- && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
  # the package's default cluster: ours lives in the data volume instead
  && rm -rf /var/lib/postgresql/15 /etc/postgresql/15 \
  && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/data

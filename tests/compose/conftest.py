@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import COMPOSE_DIR, ComposeProject, ComposeStack, docker, start, write_env_file
+from .harness import ComposeProject, ComposeStack, docker, start, write_env_file
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ..support import clean_env
+
 # The one-machine stack's checks, run here against the containers (`stack` is the compose one).
 from ..test_auth_matrix import (  # noqa: F401
     member,
@@ -80,9 +81,9 @@ def _client(stack: ComposeStack, script: str, *args: str, cwd: Path) -> dict[str
     """Run a script with only what a user exports (URI, user, password, CA) configuring MLflow."""
     path = cwd / "script.py"
     path.write_text(script, encoding="utf-8")
+    env = clean_env(**stack.client_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
     result = subprocess.run([sys.executable, str(path), *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=600,
-                            env=clean_env(**stack.client_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2"))
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
