@@ -8,6 +8,7 @@ SIGTERM) removes the location again, so a stopped model never answers with a 502
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shlex
@@ -117,6 +118,13 @@ def unpublish(settings: Settings, name: str) -> None:
         reload_nginx(settings)
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when serve-model dies, even by SIGKILL (Linux prctl), so no
+    orphaned scoring server keeps the port; MLflow's own `models serve` does the same."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _claim(settings: Settings, name: str) -> Path:
     """Record that this process serves NAME; refuse if a live serve-model already does. A
     file left by a killed serve-model (dead PID) is simply taken over."""
@@ -197,7 +205,8 @@ def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | No
     try:
         model_path = download_model(model_uri, config, workdir)
         argv, env = scoring_server_argv(model_path, host, port, workers)
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
         upstream = f"{host}:{port}"
         _wait_until(lambda: _answers(f"http://{upstream}/ping"), proc, "it answered /ping")
         path = publish(settings, name, upstream)

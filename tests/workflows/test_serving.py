@@ -64,6 +64,7 @@ def _stop(proc: subprocess.Popen[str]) -> int:
 def _serve_model(stack: RunningStack, model: str, name: str, workdir: Path,
                  port: int | None = None) -> Iterator[Served]:
     """`trackgate serve-model models:/MODEL@champion --name NAME` in a user's shell."""
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "serve-model.log"
     env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
     if port is not None:
@@ -197,3 +198,24 @@ def test_second_serve_model_for_the_same_name_is_refused_and_changes_nothing(
     answer = stack.request("POST", f"/serving/{served.name}/invocations", json=_payload(),
                            auth=("admin", stack.admin_password))
     assert answer.status_code == 200
+
+
+def test_killed_serve_model_takes_its_server_along_and_can_be_restarted(
+        stack: RunningStack, registered_model: dict[str, str], tmp_path: Path) -> None:
+    name, port = f"{registered_model['name']}.killed", free_port()
+    with _serve_model(stack, registered_model["name"], name, tmp_path / "first", port) as first:
+        first.proc.kill()  # no cleanup runs: the location and pid file stay behind
+        first.proc.wait()
+
+        def scoring_server_gone() -> bool:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
+            except requests.ConnectionError:
+                return True
+            return False
+        _wait_for(scoring_server_gone, "the orphaned scoring server to exit", timeout=30)
+    # A new serve-model under the same name takes the stale location over.
+    with _serve_model(stack, registered_model["name"], name, tmp_path / "second") as second:
+        answer = stack.request("POST", f"/serving/{second.name}/invocations", json=_payload(),
+                               auth=("admin", stack.admin_password))
+        assert answer.status_code == 200
