@@ -125,8 +125,13 @@ def write_env_file(path: Path, **settings: str) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()), encoding="utf-8")
 
 
-def start(variant: str, work: Path) -> ComposeStack:
-    """`up --wait` a fresh project of this variant on free loopback ports (images prebuilt)."""
+def start(variant: str, work: Path, *, extra_files: tuple[str, ...] = (),
+          ca: Path | None = None, **settings: str) -> ComposeStack:
+    """`up --wait` a fresh project of this variant on free loopback ports (images prebuilt).
+
+    `extra_files`: more compose files (overrides); `ca`: the CA clients trust, when it is not
+    the stack's own local CA; `settings`: more lines for the env file.
+    """
     https_port, http_port = free_port(), free_port()
     env_file = work / "compose.env"
     write_env_file(
@@ -138,9 +143,10 @@ def start(variant: str, work: Path) -> ComposeStack:
         TRACKGATE_BCRYPT_ROUNDS="4",  # fast tests; the cost itself is tested elsewhere
         # Behind Docker's userland proxy every client has the same address: no throttling here.
         TRACKGATE_FAILURE_LIMIT="100000",
+        **settings,
     )
-    project = ComposeProject(f"tgtest-{variant}-{secrets.token_hex(3)}", VARIANT_FILES[variant],
-                             env_file)
+    project = ComposeProject(f"tgtest-{variant}-{secrets.token_hex(3)}",
+                             VARIANT_FILES[variant] + extra_files, env_file)
     try:
         project.up()
     except BaseException:
@@ -149,11 +155,11 @@ def start(variant: str, work: Path) -> ComposeStack:
         raise
     match = ADMIN_LINE.search(project.logs("init"))
     assert match, "the init service prints the generated admin password on first start"
-    data_dir = work / "client"
-    settings = Settings(data_dir=data_dir, hostname="localhost", https_port=https_port,
-                        http_port=http_port, tls_cert=None, tls_key=None)
-    settings.tls_dir.mkdir(parents=True)
+    client = Settings(data_dir=work / "client", hostname="localhost", https_port=https_port,
+                      http_port=http_port, tls_cert=None, tls_key=None)
+    client.tls_dir.mkdir(parents=True)
     # What a user does to trust the local CA: copy it out of the stack.
-    ca = project.exec("nginx", "cat", "/var/lib/trackgate/tls/ca.pem").stdout
-    settings.ca_cert.write_text(ca, encoding="utf-8")
-    return ComposeStack(settings, match.group(1), project=project, variant=variant)
+    trusted = ca.read_text() if ca else project.exec(
+        "nginx", "cat", "/var/lib/trackgate/tls/ca.pem").stdout
+    client.ca_cert.write_text(trusted, encoding="utf-8")
+    return ComposeStack(client, match.group(1), project=project, variant=variant)
