@@ -219,3 +219,28 @@ def test_killed_serve_model_takes_its_server_along_and_can_be_restarted(
         answer = stack.request("POST", f"/serving/{second.name}/invocations", json=_payload(),
                                auth=("admin", stack.admin_password))
         assert answer.status_code == 200
+
+
+def test_serve_model_of_an_unknown_model_fails_clearly_and_publishes_nothing(
+        stack: RunningStack, tmp_path: Path) -> None:
+    env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve-model", "models:/no-such-model@champion",
+         "--name", "no-such-model"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 1
+    assert "trackgate: error: cannot download models:/no-such-model@champion" in result.stderr
+    serving = nginx_config.serving_dir(stack.settings)
+    assert not list(serving.glob("no-such-model.*"))
+
+
+def test_serve_model_with_a_wrong_password_says_so_before_downloading(
+        strict_stack: RunningStack, tmp_path: Path) -> None:
+    user, _ = strict_stack.new_user("server-typo")
+    env = user_env(strict_stack, TRACKGATE_DATA_DIR=str(strict_stack.settings.data_dir),
+                   MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD="not-the-password")
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve-model", "models:/any@champion", "--name", "any"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"401: wrong username or password for '{user}'" in result.stderr
