@@ -1,0 +1,151 @@
+"""`ansible-playbook deploy.yml` on a fresh Debian 12 systemd host, sqlite backend.
+
+One host is deployed per module and reused; the tests run in file order, and the later ones
+(second run, password change, restart) build on the state the earlier ones checked.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+
+from tests.infra.systemd_host import restart
+
+from . import checks
+from .harness import ALICE, BOB, Deployment, PlaybookRun, deployment
+
+pytestmark = pytest.mark.deploy
+
+HTPASSWD_TASK = "Ensure each user exists with the given password."
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, PlaybookRun]]:
+    with deployment("tg-deploy-sqlite", tmp_path_factory.mktemp("deploy-sqlite")) as target:
+        first = target.playbook()
+        yield target, first
+
+
+@pytest.fixture(scope="module")
+def host(deployed: tuple[Deployment, PlaybookRun]) -> Deployment:
+    target, first = deployed
+    first.assert_ok()
+    return target
+
+
+@pytest.fixture(scope="module")
+def logged_run(host: Deployment) -> str:
+    return checks.log_and_read_back(host)
+
+
+def test_first_deploy_succeeds_and_passes_its_own_smoke_check(
+    deployed: tuple[Deployment, PlaybookRun],
+) -> None:
+    target, first = deployed
+    first.assert_ok()
+    ran = [name for name, result in first.tasks if not result.get("skipped")]
+    for smoke in ("Check that /health answers without credentials.",
+                  "Check that the API refuses a request without credentials.",
+                  "Read the run back through the proxy.",
+                  "Check that the run holds the logged metric."):
+        assert smoke in ran
+    assert target.ca.is_file(), "the local CA certificate was not fetched to the controller"
+    print(f"first deploy: {first.seconds:.0f}s")
+
+
+@pytest.mark.parametrize(
+    "check",
+    [checks.services_running, checks.only_nginx_listens_publicly, checks.files_have_strict_modes,
+     checks.nginx_config_valid, checks.certificate_names_host, checks.units_hardened,
+     checks.auth_enforced],
+    ids=["services-enabled-and-running", "only-nginx-listens-beyond-loopback",
+         "secrets-and-settings-have-strict-owners-and-modes",
+         "nginx-config-valid-and-rendered-from-the-templates",
+         "certificate-names-the-host-and-chains-to-the-fetched-ca",
+         "units-hardened-and-processes-unprivileged", "health-open-and-api-needs-a-login"],
+)
+def test_deployed_host(host: Deployment, check: Callable[[Deployment], None]) -> None:
+    check(host)
+
+
+@pytest.mark.parametrize("host_header", ["127.0.0.1", "evil.example"])
+def test_other_host_names_get_no_answer(host: Deployment, host_header: str) -> None:
+    session = host.session(ALICE)
+    session.verify = False  # the refusal comes before any certificate question matters
+    with pytest.raises(requests.ConnectionError):
+        session.get(f"https://127.0.0.1:{host.ports['https']}/health",
+                    headers={"Host": host_header}, timeout=10)
+
+
+def test_mlflow_client_logs_a_run_with_an_artifact_through_the_proxy(logged_run: str) -> None:
+    assert logged_run
+
+
+def test_second_run_changes_nothing(host: Deployment) -> None:
+    second = host.playbook().assert_ok()
+    assert second.changed_tasks == [], second.changed_tasks
+    assert second.stats["changed"] == 0
+    print(f"second run: {second.seconds:.0f}s")
+
+
+def test_check_mode_runs_and_reports_nothing_to_change(host: Deployment) -> None:
+    check = host.playbook("--check").assert_ok()
+    assert check.changed_tasks == [], check.changed_tasks
+
+
+def _main_pids(host: Deployment) -> dict[str, str]:
+    h = checks.host(host)
+    return {name: h.check_output(f"systemctl show -p MainPID --value {name}")
+            for name in ("trackgate-tracking", "trackgate-gateway", "nginx")}
+
+
+def test_password_change_rewrites_only_htpasswd_and_restarts_nothing(host: Deployment) -> None:
+    pids = _main_pids(host)
+    old = host.passwords[BOB]
+    host.passwords[BOB] = secrets.token_urlsafe(18)
+    run = host.playbook().assert_ok()
+    assert run.changed_tasks == [HTPASSWD_TASK], run.changed_tasks
+    assert _main_pids(host) == pids
+    api = f"{host.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert host.session(BOB).get(api, timeout=10).status_code == 200
+    stale = host.session()
+    stale.auth = (BOB, old)
+    assert stale.get(api, timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"trackgate_backend": "oracle"}, "trackgate_backend is \"oracle\""),
+        ({"trackgate_tls_cert_file": "/nonexistent/cert.pem",
+          "trackgate_tls_key_file": "/nonexistent/key.pem"}, "must both name readable PEM files"),
+        # 37 characters but 74 bytes: the limit is bytes, as bcrypt counts them.
+        ({"trackgate_users": [{"name": "carol", "password": "é" * 37}]},
+         "carol's password is 74 bytes"),
+    ],
+    ids=["unknown-backend", "missing-certificate", "password-over-72-bytes"],
+)
+def test_bad_variables_fail_before_touching_the_host(
+    host: Deployment, override: dict[str, object], message: str
+) -> None:
+    run = host.playbook(**override)
+    assert run.returncode != 0
+    assert message in run.failure(), run.failure()
+    assert "é" not in run.log.read_text(), "a password leaked into the output"
+    ran = [name for name, result in run.tasks if not result.get("skipped")]
+    assert "Gather facts about the host." not in ran, ran
+    assert not any(result.get("changed") for _, result in run.tasks)
+
+
+def test_services_come_back_after_a_host_restart_with_the_run_kept(
+    host: Deployment, logged_run: str
+) -> None:
+    restart(host.name)
+    host.wait_healthy()
+    checks.services_running(host)
+    read = checks.mlflow_client(host, "read", logged_run)
+    assert read["metrics"] == {"rmse": 0.25}
+
