@@ -7,7 +7,7 @@ MLFLOW_TRACKING_* environment, exactly as a training script runs.
 `metrics` sets up an experiment and a run (which also warms any credential cache), prints
 `ready`, then for each `go SECONDS` line on stdin calls `log_metric` until the time or count
 bound and prints one JSON line; any other line or EOF ends it. `artifacts` uploads one file
-with `log_artifact` and downloads it again.
+with `log_artifact` on `upload` and downloads it again on `download`.
 """
 
 from __future__ import annotations
@@ -61,21 +61,29 @@ def metrics(max_calls: int) -> None:
                           "latencies": latencies}), flush=True)
 
 
-def artifacts(path: Path, download_dir: Path) -> dict[str, object]:
+def artifacts(path: Path, download_dir: Path) -> None:
+    """Upload on `upload`, download on `download` (stdin), one JSON line each; phases are
+    separate so the caller can account the CPU time of each."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     run_id = _run(client)
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "upload":
+        return
     began = time.monotonic()
     client.log_artifact(run_id, str(path))
-    uploaded = time.monotonic()
+    print(json.dumps({"upload_s": time.monotonic() - began}), flush=True)
+    if sys.stdin.readline().strip() != "download":
+        return
+    began = time.monotonic()
     local = Path(client.download_artifacts(run_id, path.name, str(download_dir)))
-    downloaded = time.monotonic()
+    elapsed = time.monotonic() - began
     size = local.stat().st_size
     local.unlink()
     if size != path.stat().st_size:
         raise SystemExit(f"downloaded {size} bytes, uploaded {path.stat().st_size}")
-    return {"bytes": size, "upload_s": uploaded - began, "download_s": downloaded - uploaded}
+    print(json.dumps({"download_s": elapsed, "bytes": size}), flush=True)
 
 
 def main() -> None:
@@ -90,7 +98,7 @@ def main() -> None:
     if args.mode == "metrics":
         metrics(args.max_calls)
     else:
-        print(json.dumps(artifacts(args.file, args.download_dir)), flush=True)
+        artifacts(args.file, args.download_dir)
 
 
 if __name__ == "__main__":

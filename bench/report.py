@@ -65,13 +65,15 @@ class _Rounds:
         return {k: 1000 * v / calls for k, v in total.items()} if calls else {}
 
 
-def render(cells: list[Cell], all_transfers: dict[str, list[dict[str, float]]],
+def render(cells: list[Cell], all_transfers: dict[str, list[dict[str, Any]]],
            plan: Plan) -> str:
     rounds = _Rounds(cells)
     # Fixed work on a shared machine: the fastest transfer is the least disturbed one.
     transfers: dict[str, dict[str, Any]] = {name: {"bytes": runs[0]["bytes"],
                         "upload_s": min(r["upload_s"] for r in runs),
                         "download_s": min(r["download_s"] for r in runs),
+                        "upload_cpu": min(runs, key=lambda r: r["upload_s"])["upload_cpu"],
+                        "download_cpu": min(runs, key=lambda r: r["download_s"])["download_cpu"],
                         "uploads": " / ".join(f"{r['upload_s']:.1f}" for r in runs),
                         "downloads": " / ".join(f"{r['download_s']:.1f}" for r in runs)}
                  for name, runs in all_transfers.items() if runs}
@@ -120,9 +122,10 @@ def render(cells: list[Cell], all_transfers: dict[str, list[dict[str, float]]],
             f"no-flood window of the same server run just before it; the flood starts "
             f"{plan.flood_ramp:g} s before the window opens.", "",
             "| server | flood | clients | legit calls/s (before) | flooded / unflooded "
+            "| vs rounds median "
             "| legit p95 ms | /health p50 / p95 ms (failed) | guesses/s | attacker p50 ms "
             "| answers to the flood | CPU s: gateway / nginx / gunicorn / attacker / elsewhere |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for c in cells:
         if c.kind != "flood":
             continue
@@ -133,6 +136,7 @@ def render(cells: list[Cell], all_transfers: dict[str, list[dict[str, float]]],
         ratio = _ratio(c.rate, c.baseline_rate)
         out.append(f"| {c.target} | {c.flood} | {c.clients} | {_fmt(c.rate)} "
                    f"({_fmt(c.baseline_rate)}{errors}) | {_fmt(100 * ratio, 0)} % "
+                   f"| {_fmt(100 * _ratio(c.rate, rounds.rate(c.target, c.clients)), 0)} % "
                    f"| {_fmt(c.p95_ms)} | {_fmt(c.health_p50_ms)} / {_fmt(c.health_p95_ms)} "
                    f"({c.health_failed}/{c.health_probes}) | {_fmt(c.flood_rate)} | "
                    f"{_fmt(c.flood_p50_ms, 0)} | {answers} "
@@ -150,6 +154,14 @@ def render(cells: list[Cell], all_transfers: dict[str, list[dict[str, float]]],
             out.append(f"| {label} | {_fmt(t['upload_s'], 2)} | {t['uploads']} | "
                        f"{_fmt(size / 2**20 / t['upload_s'], 0)} | {_fmt(t['download_s'], 2)} | "
                        f"{t['downloads']} | {_fmt(size / 2**20 / t['download_s'], 0)} |")
+        out += ["", "CPU seconds during the fastest transfer of each path, by process:", "",
+                "| path | phase | " + " | ".join(COMPONENTS) + " |",
+                "|---|---|" + "---:|" * len(COMPONENTS)]
+        for name, t in transfers.items():
+            for phase in ("upload", "download"):
+                used = t[f"{phase}_cpu"]
+                out.append(f"| {name} | {phase} | "
+                           + " | ".join(_fmt(used.get(k, 0.0), 2) for k in COMPONENTS) + " |")
 
     out += ["", "## Targets (issue 4)", "", "| target | measured | verdict |", "|---|---:|---|"]
     for n in (1, conc):

@@ -292,13 +292,24 @@ def add_flood_users(target: tg.Target, names: list[str]) -> None:
             answer.raise_for_status()
 
 
-def run_artifacts(target: tg.Target, path: Path, logs: Path, work: Path) -> dict[str, float]:
+def run_artifacts(target: tg.Target, path: Path, logs: Path, work: Path) -> dict[str, Any]:
+    """Upload then download `path` with the MLflow client; time and CPU seconds of each."""
     down = work / f"download-{target.name}"
     down.mkdir(exist_ok=True)
     argv = [sys.executable, "-m", "bench.client", "artifacts", "--file", str(path),
             "--download-dir", str(down)]
+    result: dict[str, Any] = {}
     with _child(argv, _client_env(target, 900), logs / f"{target.name}.artifacts.log") as kid:
-        result = json.loads(kid[1].next(1800, f"{target.name} artifact transfer"))
+        proc, lines = kid
+        assert proc.stdin is not None
+        lines.next(300, f"{target.name} artifact client setup")
+        for phase in ("upload", "download"):
+            before = cpu.snapshot(target.root_pid, [proc.pid], None)
+            proc.stdin.write(phase + "\n")
+            proc.stdin.flush()
+            result.update(json.loads(lines.next(1800, f"{target.name} artifact {phase}")))
+            result[f"{phase}_cpu"] = cpu.delta(before, cpu.snapshot(target.root_pid, [proc.pid],
+                                                                    None))
     tg.remove_tree(down)
     return result
 
@@ -325,7 +336,7 @@ def main() -> None:
     logs.mkdir()
     print(f"work dir: {work}", flush=True)
     cells: list[Cell] = []
-    transfers: dict[str, list[dict[str, float]]] = {}
+    transfers: dict[str, list[dict[str, Any]]] = {}
     flood_names = [f"flood-{i:03d}" for i in range(plan.flood_users)]
     try:
         with contextlib.ExitStack() as stack:
