@@ -26,7 +26,7 @@ if $needs_docker; then
 fi
 
 declare -A marker=(
-  [fast]="not deploy and not compose and not slow"
+  [fast]="not deploy and not compose"  # includes the 1 GB round trip (slow: ~1 min)
   [deploy]="deploy"
   [compose]="compose"
 )

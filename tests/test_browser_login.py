@@ -63,11 +63,11 @@ def test_logged_in_the_mlflow_ui_renders_and_shows_the_clients_experiment(
         page = context.new_page()
         failed: list[str] = []
         page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-        page.goto(stack.url + "/#/experiments", timeout=60_000)
-        page.get_by_text(name).first.wait_for(timeout=60_000)
+        page.goto(stack.url + "/#/experiments", timeout=120_000)
+        page.get_by_text(name).first.wait_for(timeout=120_000)
         # MLflow 3 opens experiments in its GenAI view; the runs table is the "Model training" one.
         page.goto(f"{stack.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
-        page.get_by_text("first-run").first.wait_for(timeout=60_000)
+        page.get_by_text("first-run").first.wait_for(timeout=120_000)
         # MLflow itself 404s a few optional endpoints (assistant, users); nothing may be refused.
         assert not [f for f in failed if f.startswith(("401", "403", "429", "5"))], failed
         if os.environ.get("UPDATE_SCREENSHOTS"):
