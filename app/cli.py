@@ -33,7 +33,7 @@ def _default_text(name: str) -> str:
 
 
 def setting_options(*names: str) -> Callable[[F], F]:
-    """Click options for settings fields: the flag beats TRACKGATE_<NAME>, which beats the default."""
+    """Click options for settings fields: a flag beats TRACKGATE_<NAME>, which beats the default."""
 
     def decorate(func: F) -> F:
         for name in reversed(names):

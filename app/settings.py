@@ -53,20 +53,26 @@ class Settings(BaseSettings):
     gateway_port: int = Field(default=5001, description="Loopback port of the auth gateway.")
     internal_host: str = Field(
         default="127.0.0.1",
-        description="Address the tracking server and gateway bind to (loopback outside containers).",
+        description=(
+            "Address the tracking server and gateway bind to (loopback outside containers)."
+        ),
     )
     tracking_upstream: str | None = Field(
         default=None, description="host:port nginx proxies to; default internal_host:tracking_port."
     )
     gateway_upstream: str | None = Field(
-        default=None, description="host:port nginx asks about credentials; default internal_host:gateway_port."
+        default=None,
+        description="host:port nginx asks about credentials; default internal_host:gateway_port.",
     )
     backend_store_uri: str | None = Field(
         default=None, description="MLflow backend store; default sqlite in the data dir."
     )
     artifacts_destination: str | None = Field(
         default=None,
-        description="Where the server stores artifacts (clients upload through the proxy); default data_dir/artifacts.",
+        description=(
+            "Where the server stores artifacts (clients upload through the proxy); "
+            "default data_dir/artifacts."
+        ),
     )
     htpasswd_path: Path | None = Field(
         default=None, description="The htpasswd file (bcrypt); default data_dir/htpasswd."
@@ -74,7 +80,9 @@ class Settings(BaseSettings):
     bcrypt_rounds: int = Field(default=12, ge=4, le=31, description="bcrypt cost for new hashes.")
     tls_cert: Path | None = Field(
         default=None,
-        description="Your certificate (PEM, full chain); default: one issued by a generated local CA.",
+        description=(
+            "Your certificate (PEM, full chain); default: one issued by a generated local CA."
+        ),
     )
     tls_key: Path | None = Field(default=None, description="The key for tls_cert (PEM).")
     workers: int = Field(default=2, ge=1, description="gunicorn workers of the tracking server.")
@@ -96,14 +104,18 @@ class Settings(BaseSettings):
         default=60, ge=1, description="Seconds over which failed logins are counted."
     )
     max_upload: str = Field(
-        default="0", description="nginx client_max_body_size (0 = no limit, for multi-GB artifacts)."
+        default="0",
+        description="nginx client_max_body_size (0 = no limit, for multi-GB artifacts).",
     )
     proxy_timeout: int = Field(
         default=900, ge=1, description="Seconds nginx waits on a slow upload or download."
     )
-    nginx_binary: str = Field(default="nginx", description="nginx executable (PATH, then /usr/sbin).")
+    nginx_binary: str = Field(
+        default="nginx", description="nginx executable (PATH, then /usr/sbin)."
+    )
     nginx_user: str | None = Field(
-        default=None, description="User nginx workers run as when started as root (default www-data)."
+        default=None,
+        description="User nginx workers run as when started as root (default www-data).",
     )
     nginx_run_dir: Path | None = Field(
         default=None,
@@ -129,7 +141,9 @@ class Settings(BaseSettings):
     def _valid_hostname(cls, value: str) -> str:
         value = value.strip().lower()
         if not value or (not _is_ip(value) and any(c in value for c in " /:@;{}\"'")):
-            raise ValueError(f"{value!r} is not a host name (give just the name, no scheme or port)")
+            raise ValueError(
+                f"{value!r} is not a host name (give just the name, no scheme or port)"
+            )
         return value
 
     @field_validator("http_port", "https_port", "tracking_port", "gateway_port", "serve_model_port")

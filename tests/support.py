@@ -89,15 +89,28 @@ class RunningStack:
             "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca),
         }
 
-    def get(self, path: str, *, auth: tuple[str, str] | None = None,
-            source_ip: str | None = None, **kwargs: Any) -> requests.Response:
+    def get(
+        self,
+        path: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        source_ip: str | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
         with session_from(source_ip) as session:
             kwargs.setdefault("timeout", 30)
             kwargs.setdefault("verify", str(self.ca))
             return session.get(self.url + path, auth=auth, **kwargs)
 
-    def request(self, method: str, path: str, *, auth: tuple[str, str] | None = None,
-                source_ip: str | None = None, **kwargs: Any) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        source_ip: str | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
         with session_from(source_ip) as session:
             kwargs.setdefault("timeout", 30)
             kwargs.setdefault("verify", str(self.ca))
@@ -146,7 +159,10 @@ def _print_logs(settings: Settings) -> None:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment minus any MLflow/trackgate settings of the developer's shell."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACKGATE_", "TRACKING_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACKGATE_", "TRACKING_"))
+    }
     env.update(extra)
     return env

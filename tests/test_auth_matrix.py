@@ -81,7 +81,9 @@ def test_removed_user_is_refused_on_the_next_request(stack: RunningStack) -> Non
     assert stack.get("/version", auth=(name, password), source_ip=source).status_code == 401
 
 
-def test_security_headers_are_set_once_on_every_answer(stack: RunningStack, member: tuple[str, str]) -> None:
+def test_security_headers_are_set_once_on_every_answer(
+    stack: RunningStack, member: tuple[str, str]
+) -> None:
     for response in (stack.get("/", auth=member), stack.get("/"), stack.get("/health")):
         assert response.headers["Strict-Transport-Security"].startswith("max-age=")
         assert response.headers["X-Content-Type-Options"] == "nosniff"  # one value, not two
@@ -89,9 +91,14 @@ def test_security_headers_are_set_once_on_every_answer(stack: RunningStack, memb
         assert "nginx/" not in response.headers.get("Server", "")
 
 
-@pytest.mark.parametrize("version, accepted", [
-    (ssl.TLSVersion.TLSv1_1, False), (ssl.TLSVersion.TLSv1_2, True), (ssl.TLSVersion.TLSv1_3, True),
-])
+@pytest.mark.parametrize(
+    "version, accepted",
+    [
+        (ssl.TLSVersion.TLSv1_1, False),
+        (ssl.TLSVersion.TLSv1_2, True),
+        (ssl.TLSVersion.TLSv1_3, True),
+    ],
+)
 def test_only_tls_1_2_and_1_3_are_accepted(
     stack: RunningStack, version: ssl.TLSVersion, accepted: bool
 ) -> None:
@@ -104,7 +111,9 @@ def test_only_tls_1_2_and_1_3_are_accepted(
             with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 assert tls.version() == version.name.replace("_", ".")
         else:
-            with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION|ALERT_HANDSHAKE_FAILURE"):
+            with pytest.raises(
+                ssl.SSLError, match="ALERT_PROTOCOL_VERSION|ALERT_HANDSHAKE_FAILURE"
+            ):
                 context.wrap_socket(raw, server_hostname="localhost")
 
 

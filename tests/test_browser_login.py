@@ -20,12 +20,19 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "mlflow-ui-throug
 def experiment(stack: RunningStack) -> tuple[str, str]:
     """An experiment and run created by the real client, to look for in the UI: (name, id)."""
     name = "browser-visible-experiment"
-    code = ("import mlflow\nexp = mlflow.set_experiment(%r)\n"
-            "with mlflow.start_run(run_name='first-run'):\n"
-            "    mlflow.log_param('lr', 0.01)\n    mlflow.log_metric('accuracy', 0.93)\n"
-            "print(exp.experiment_id)\n" % name)
-    result = subprocess.run([sys.executable, "-c", code], env=clean_env(**stack.client_env()),
-                            capture_output=True, text=True, timeout=300)
+    code = (
+        f"import mlflow\nexp = mlflow.set_experiment({name!r})\n"
+        "with mlflow.start_run(run_name='first-run'):\n"
+        "    mlflow.log_param('lr', 0.01)\n    mlflow.log_metric('accuracy', 0.93)\n"
+        "print(exp.experiment_id)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=clean_env(**stack.client_env()),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return name, result.stdout.split()[-1]
 
@@ -44,7 +51,8 @@ def test_with_wrong_credentials_the_browser_gets_the_401_page(stack: RunningStac
     name, password = stack.new_user("browser")
     with chromium() as browser:
         context: Any = browser.new_context(  # type: ignore[attr-defined]
-            ignore_https_errors=True, http_credentials={"username": name, "password": "nope"})
+            ignore_https_errors=True, http_credentials={"username": name, "password": "nope"}
+        )
         page = context.new_page()
         response = page.goto(stack.url + "/", timeout=30_000)
         assert response is not None and response.status == 401
@@ -58,11 +66,15 @@ def test_logged_in_the_mlflow_ui_renders_and_shows_the_clients_experiment(
     name, experiment_id = experiment
     with chromium() as browser:
         context: Any = browser.new_context(  # type: ignore[attr-defined]
-            ignore_https_errors=True, viewport={"width": 1400, "height": 800},
-            http_credentials={"username": "admin", "password": stack.admin_password})
+            ignore_https_errors=True,
+            viewport={"width": 1400, "height": 800},
+            http_credentials={"username": "admin", "password": stack.admin_password},
+        )
         page = context.new_page()
         failed: list[str] = []
-        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.on(
+            "response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None
+        )
         page.goto(stack.url + "/#/experiments", timeout=120_000)
         page.get_by_text(name).first.wait_for(timeout=120_000)
         # MLflow 3 opens experiments in its GenAI view; the runs table is the "Model training" one.

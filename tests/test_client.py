@@ -16,7 +16,9 @@ from app.client import ClientError, TrackingConfig, check, configure, resolve
 from .support import RunningStack, clean_env, free_port
 
 
-def test_short_names_map_onto_mlflows_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_short_names_map_onto_mlflows_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRACKING_URI", "https://mlflow.example.com")
     monkeypatch.setenv("TRACKING_USERNAME", "alice")
@@ -34,7 +36,8 @@ def test_a_dotenv_file_is_honored_and_the_environment_wins(
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text(
         "TRACKING_URI=https://from-file.example\nTRACKING_USERNAME=bob\n"
-        "TRACKING_PASSWORD='pa ss#word'\n")
+        "TRACKING_PASSWORD='pa ss#word'\n"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
     config = configure()
     assert config.uri == "https://from-file.example"
@@ -65,29 +68,41 @@ def test_a_username_without_password_is_a_clear_error(
 
 def _config(stack: RunningStack, **changes: object) -> TrackingConfig:
     env = stack.client_env()
-    values = {"uri": env["MLFLOW_TRACKING_URI"], "username": "admin",
-              "password": stack.admin_password, "cert_path": str(stack.ca)}
+    values = {
+        "uri": env["MLFLOW_TRACKING_URI"],
+        "username": "admin",
+        "password": stack.admin_password,
+        "cert_path": str(stack.ca),
+    }
     values.update(changes)
     return TrackingConfig(**values)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("changes, ok, message", [
-    ({}, True, "OK: https://localhost"),
-    ({"password": "wrong"}, False, "wrong username or password for 'admin'"),
-    ({"username": None, "password": None}, False, "wants a login"),
-    ({"cert_path": None}, False, "MLFLOW_TRACKING_SERVER_CERT_PATH"),
-    ({"uri": "https://127.0.0.1:{port}"}, False, "not for the host name"),
-    ({"uri": "https://127.0.0.1:{port}", "insecure_tls": True}, False, "does not serve the host name"),
-    ({"uri": "http://localhost:{http_port}"}, False, "redirects to https://localhost:"),
-    ({"uri": "https://localhost:{free}"}, False, "cannot connect"),
-    ({"uri": "ftp://x"}, False, "not an http(s) URL"),
-])
+@pytest.mark.parametrize(
+    "changes, ok, message",
+    [
+        ({}, True, "OK: https://localhost"),
+        ({"password": "wrong"}, False, "wrong username or password for 'admin'"),
+        ({"username": None, "password": None}, False, "wants a login"),
+        ({"cert_path": None}, False, "MLFLOW_TRACKING_SERVER_CERT_PATH"),
+        ({"uri": "https://127.0.0.1:{port}"}, False, "not for the host name"),
+        (
+            {"uri": "https://127.0.0.1:{port}", "insecure_tls": True},
+            False,
+            "does not serve the host name",
+        ),
+        ({"uri": "http://localhost:{http_port}"}, False, "redirects to https://localhost:"),
+        ({"uri": "https://localhost:{free}"}, False, "cannot connect"),
+        ({"uri": "ftp://x"}, False, "not an http(s) URL"),
+    ],
+)
 def test_check_explains_each_failure_precisely(
     stack: RunningStack, changes: dict[str, object], ok: bool, message: str
 ) -> None:
     if isinstance(changes.get("uri"), str):
         changes["uri"] = str(changes["uri"]).format(
-            port=stack.settings.https_port, http_port=stack.settings.http_port, free=free_port())
+            port=stack.settings.https_port, http_port=stack.settings.http_port, free=free_port()
+        )
     if changes.get("password") == "wrong":
         name, _ = stack.new_user("checker")  # failures must not throttle admin
         changes["username"] = name
@@ -102,14 +117,34 @@ def test_login_checks_then_saves_credentials_readable_only_by_the_user(
 ) -> None:
     env_file = tmp_path / "creds.env"
     result = subprocess.run(
-        [sys.executable, "-m", "app", "login", stack.url, "-u", "admin", "--password-stdin",
-         "--ca-cert", str(stack.ca), "--env-file", str(env_file)],
-        input=stack.admin_password + "\n", capture_output=True, text=True, timeout=60,
-        env=clean_env())
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "login",
+            stack.url,
+            "-u",
+            "admin",
+            "--password-stdin",
+            "--ca-cert",
+            str(stack.ca),
+            "--env-file",
+            str(env_file),
+        ],
+        input=stack.admin_password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     config = resolve(env_file)
-    assert (config.uri, config.username, config.password) == (stack.url, "admin", stack.admin_password)
+    assert (config.uri, config.username, config.password) == (
+        stack.url,
+        "admin",
+        stack.admin_password,
+    )
     assert config.cert_path == str(stack.ca)
 
 
@@ -117,17 +152,42 @@ def test_login_with_a_wrong_password_saves_nothing(stack: RunningStack, tmp_path
     name, _ = stack.new_user("login")
     env_file = tmp_path / "creds.env"
     result = subprocess.run(
-        [sys.executable, "-m", "app", "login", stack.url, "-u", name, "--password-stdin",
-         "--ca-cert", str(stack.ca), "--env-file", str(env_file)],
-        input="wrong\n", capture_output=True, text=True, timeout=60, env=clean_env())
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "login",
+            stack.url,
+            "-u",
+            name,
+            "--password-stdin",
+            "--ca-cert",
+            str(stack.ca),
+            "--env-file",
+            str(env_file),
+        ],
+        input="wrong\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
     assert result.returncode == 1
     assert "wrong username or password" in result.stderr
     assert not env_file.exists()
 
 
-def test_check_command_reports_what_the_environment_would_use(stack: RunningStack, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "app", "check"], capture_output=True, text=True,
-                            timeout=60, cwd=tmp_path, env=clean_env(**stack.client_env(), HOME=str(tmp_path)))
+def test_check_command_reports_what_the_environment_would_use(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=clean_env(**stack.client_env(), HOME=str(tmp_path)),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"tracking URI: {stack.url}" in result.stdout
     assert "password:     (set)" in result.stdout

@@ -17,8 +17,10 @@ README = (ROOT / "README.md").read_text()
 
 @pytest.mark.parametrize("field", sorted(Settings.model_fields))
 def test_every_setting_is_in_the_readme_table_with_its_description(field: str) -> None:
-    row = next((line for line in README.splitlines()
-                if line.startswith(f"| `TRACKGATE_{field.upper()}`")), "")
+    row = next(
+        (line for line in README.splitlines() if line.startswith(f"| `TRACKGATE_{field.upper()}`")),
+        "",
+    )
     assert row, f"TRACKGATE_{field.upper()} is missing from the README's settings table"
     assert Settings.model_fields[field].description in row
 

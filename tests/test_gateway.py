@@ -28,7 +28,9 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in before if isinstance(before[k], int)}
 
 
-def test_a_verified_credential_runs_bcrypt_once_then_is_answered_from_memory(stack: RunningStack) -> None:
+def test_a_verified_credential_runs_bcrypt_once_then_is_answered_from_memory(
+    stack: RunningStack,
+) -> None:
     user = stack.new_user("cached")
     before = gateway_stats(stack)
     for _ in range(5):
@@ -43,7 +45,9 @@ def test_a_wrong_password_is_never_cached_as_success(stack: RunningStack) -> Non
     source = fresh_source_ip()
     before = gateway_stats(stack)
     for _ in range(3):
-        assert stack.get("/version", auth=(name, password + "!"), source_ip=source).status_code == 401
+        assert (
+            stack.get("/version", auth=(name, password + "!"), source_ip=source).status_code == 401
+        )
     change = delta(before, gateway_stats(stack))
     assert change["bcrypt_checks"] == 3
     assert change["cache_hits"] == 0
@@ -58,10 +62,14 @@ def test_unknown_users_cost_a_bcrypt_check_like_known_ones(stack: RunningStack) 
     assert delta(before, gateway_stats(stack))["bcrypt_checks"] == 1
 
 
-def test_a_password_change_locks_the_old_password_out_on_the_next_request(stack: RunningStack) -> None:
+def test_a_password_change_locks_the_old_password_out_on_the_next_request(
+    stack: RunningStack,
+) -> None:
     name, old = stack.new_user("rotating")
     source = fresh_source_ip()
-    assert stack.get("/version", auth=(name, old), source_ip=source).status_code == 200  # cached now
+    assert (
+        stack.get("/version", auth=(name, old), source_ip=source).status_code == 200
+    )  # cached now
     new = secrets.token_urlsafe(12)
     stack.users.set_password(name, new)
     assert stack.get("/version", auth=(name, old), source_ip=source).status_code == 401
@@ -77,15 +85,24 @@ def test_another_users_change_keeps_cached_logins_valid(stack: RunningStack) -> 
     assert delta(before, gateway_stats(stack))["cache_hits"] == 1
 
 
-def test_repeated_failures_get_429_with_retry_after_and_spare_other_clients(stack: RunningStack) -> None:
+def test_repeated_failures_get_429_with_retry_after_and_spare_other_clients(
+    stack: RunningStack,
+) -> None:
     victim_name, victim_password = stack.new_user("victim")
     bystander = stack.new_user("bystander")
     attacker_ip = fresh_source_ip()
     # A logged-in user on the attacker's own address (e.g. behind the same NAT).
-    assert stack.get("/version", auth=(victim_name, victim_password), source_ip=attacker_ip).status_code == 200
+    assert (
+        stack.get(
+            "/version", auth=(victim_name, victim_password), source_ip=attacker_ip
+        ).status_code
+        == 200
+    )
     limit = stack.settings.failure_limit
-    codes = [stack.get("/version", auth=(f"guess-{i}", "wrong"), source_ip=attacker_ip).status_code
-             for i in range(limit)]
+    codes = [
+        stack.get("/version", auth=(f"guess-{i}", "wrong"), source_ip=attacker_ip).status_code
+        for i in range(limit)
+    ]
     assert codes == [401] * limit
     throttled = stack.get("/version", auth=("guess-x", "wrong"), source_ip=attacker_ip)
     assert throttled.status_code == 429
@@ -94,15 +111,27 @@ def test_repeated_failures_get_429_with_retry_after_and_spare_other_clients(stac
     assert stack.get("/version", auth=bystander, source_ip=attacker_ip).status_code == 429
     # Others are untouched: another address logs in, and a cached login keeps working.
     assert stack.get("/version", auth=bystander, source_ip=fresh_source_ip()).status_code == 200
-    assert stack.get("/version", auth=(victim_name, victim_password), source_ip=attacker_ip).status_code == 200
+    assert (
+        stack.get(
+            "/version", auth=(victim_name, victim_password), source_ip=attacker_ip
+        ).status_code
+        == 200
+    )
 
 
-def test_failures_against_one_username_from_many_addresses_are_throttled(stack: RunningStack) -> None:
+def test_failures_against_one_username_from_many_addresses_are_throttled(
+    stack: RunningStack,
+) -> None:
     name, password = stack.new_user("targeted")
     limit = stack.settings.failure_limit
     for _ in range(limit):
-        assert stack.get("/version", auth=(name, "guess"), source_ip=fresh_source_ip()).status_code == 401
-    assert stack.get("/version", auth=(name, "guess"), source_ip=fresh_source_ip()).status_code == 429
+        assert (
+            stack.get("/version", auth=(name, "guess"), source_ip=fresh_source_ip()).status_code
+            == 401
+        )
+    assert (
+        stack.get("/version", auth=(name, "guess"), source_ip=fresh_source_ip()).status_code == 429
+    )
 
 
 def test_mlflow_client_retries_429_but_not_401(stack: RunningStack) -> None:
@@ -117,7 +146,10 @@ def test_client_supplied_identity_headers_never_reach_mlflow(stack: RunningStack
     name, password = stack.new_user("honest")
     marker = secrets.token_hex(6)
     spoofed = {"X-Trackgate-User": "mallory", "X-Remote-User": "mallory", "Remote-User": "mallory"}
-    assert stack.get(f"/version?probe={marker}", auth=(name, password), headers=spoofed).status_code == 200
+    assert (
+        stack.get(f"/version?probe={marker}", auth=(name, password), headers=spoofed).status_code
+        == 200
+    )
     no_auth = stack.get(f"/version?probe={marker}-anon", headers=spoofed)
     assert no_auth.status_code == 401
     log = Path(stack.settings.logs or "", "tracking-access.log")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .support import RunningStack, clean_env
 
-CLIENT_SCRIPT = textwrap.dedent('''
+CLIENT_SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
     import mlflow
     from mlflow import MlflowClient
@@ -52,16 +52,21 @@ CLIENT_SCRIPT = textwrap.dedent('''
         "prediction": model.predict(pd.DataFrame({"x": [1, 2]}))["x"].tolist(),
         "runs": len(runs),
     }))
-''')
+""")
 
 
-def _run_client(stack: RunningStack, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def _run_client(
+    stack: RunningStack, tmp_path: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "client.py"
     script.write_text(CLIENT_SCRIPT)
     return subprocess.run(
         [sys.executable, str(script), str(tmp_path)],
         env=clean_env(**env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"),
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
 
 

@@ -21,13 +21,15 @@ from .support import clean_env, free_port
 PASSWORD_LINE = re.compile(r"Created user 'admin' with password: (\S+)")
 
 
-def trackgate(*args: str, env: dict[str, str] | None = None, user: int | None = None,
-              timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def trackgate(
+    *args: str, env: dict[str, str] | None = None, user: int | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "app", *args]
     if user is not None:  # run as an unprivileged user, like a non-root developer
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(**(env or {})), cwd="/")
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=clean_env(**(env or {})), cwd="/"
+    )
 
 
 def ports() -> list[str]:
@@ -43,7 +45,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return (
+        Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
 
 
 def test_up_prints_the_url_a_one_time_password_and_exports_then_down_stops_everything(
@@ -95,15 +100,27 @@ def test_runs_and_artifacts_survive_down_and_up(tmp_path: Path) -> None:
     first = trackgate("up", *flags, env=env)
     assert first.returncode == 0, first.stderr
     password = PASSWORD_LINE.search(first.stdout).group(1)  # type: ignore[union-attr]
-    client = {"MLFLOW_TRACKING_URI": f"https://localhost:{flags[3]}",
-              "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password,
-              "MLFLOW_TRACKING_SERVER_CERT_PATH": str(tmp_path / "tls" / "ca.pem")}
-    log = ("import mlflow, pathlib\np = pathlib.Path('note.txt'); p.write_text('kept')\n"
-           "with mlflow.start_run() as r:\n    mlflow.log_param('k', 'v'); mlflow.log_artifact(str(p))\n"
-           "print(r.info.run_id)\n")
+    client = {
+        "MLFLOW_TRACKING_URI": f"https://localhost:{flags[3]}",
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": password,
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": str(tmp_path / "tls" / "ca.pem"),
+    }
+    log = (
+        "import mlflow, pathlib\np = pathlib.Path('note.txt'); p.write_text('kept')\n"
+        "with mlflow.start_run() as r:\n"
+        "    mlflow.log_param('k', 'v'); mlflow.log_artifact(str(p))\n"
+        "print(r.info.run_id)\n"
+    )
     try:
-        logged = subprocess.run([sys.executable, "-c", log], env=clean_env(**client), cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)
+        logged = subprocess.run(
+            [sys.executable, "-c", log],
+            env=clean_env(**client),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert logged.returncode == 0, logged.stderr[-2000:]
         run_id = logged.stdout.split()[-1]
     finally:
@@ -112,11 +129,20 @@ def test_runs_and_artifacts_survive_down_and_up(tmp_path: Path) -> None:
     try:
         assert second.returncode == 0, second.stderr
         assert "Created user" not in second.stdout
-        read = ("import mlflow, sys\nr = mlflow.get_run(sys.argv[1])\n"
-                "p = mlflow.artifacts.download_artifacts(run_id=sys.argv[1], artifact_path='note.txt')\n"
-                "print(r.data.params['k'], open(p).read())\n")
-        back = subprocess.run([sys.executable, "-c", read, run_id], env=clean_env(**client),
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        read = (
+            "import mlflow, sys\nr = mlflow.get_run(sys.argv[1])\n"
+            "p = mlflow.artifacts.download_artifacts(\n"
+            "    run_id=sys.argv[1], artifact_path='note.txt')\n"
+            "print(r.data.params['k'], open(p).read())\n"
+        )
+        back = subprocess.run(
+            [sys.executable, "-c", read, run_id],
+            env=clean_env(**client),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert back.returncode == 0, back.stderr[-2000:]
         assert back.stdout.split()[-2:] == ["v", "kept"]
     finally:
@@ -128,27 +154,41 @@ def test_a_taken_port_is_a_clear_error_and_nothing_is_left_running(tmp_path: Pat
         blocker.bind(("0.0.0.0", 0))
         blocker.listen()
         taken = blocker.getsockname()[1]
-        result = trackgate("up", "--https-port", str(taken), "--http-port", str(free_port()),
-                           env={"TRACKGATE_DATA_DIR": str(tmp_path), **internal_ports()})
+        result = trackgate(
+            "up",
+            "--https-port",
+            str(taken),
+            "--http-port",
+            str(free_port()),
+            env={"TRACKGATE_DATA_DIR": str(tmp_path), **internal_ports()},
+        )
     assert result.returncode == 1
-    assert f"port {taken}" in result.stderr and "--https-port or TRACKGATE_HTTPS_PORT" in result.stderr
+    assert (
+        f"port {taken}" in result.stderr and "--https-port or TRACKGATE_HTTPS_PORT" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "supervisor.pid").exists()
 
 
 def test_missing_nginx_is_a_clear_error(tmp_path: Path) -> None:
-    result = trackgate("up", *ports(), env={"TRACKGATE_DATA_DIR": str(tmp_path),
-                                            "TRACKGATE_NGINX_BINARY": "nginx-not-installed"})
+    result = trackgate(
+        "up",
+        *ports(),
+        env={"TRACKGATE_DATA_DIR": str(tmp_path), "TRACKGATE_NGINX_BINARY": "nginx-not-installed"},
+    )
     assert result.returncode == 1
     assert "nginx not found" in result.stderr and "apt-get install nginx-light" in result.stderr
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("TRACKGATE_HTTPS_PORT", "abc", "TRACKGATE_HTTPS_PORT"),
-    ("TRACKGATE_HTTPS_PORT", "70000", "not a TCP port"),
-    ("TRACKGATE_HOSTNAME", "https://x.example/", "not a host name"),
-    ("TRACKGATE_BCRYPT_ROUNDS", "3", "TRACKGATE_BCRYPT_ROUNDS"),
-])
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("TRACKGATE_HTTPS_PORT", "abc", "TRACKGATE_HTTPS_PORT"),
+        ("TRACKGATE_HTTPS_PORT", "70000", "not a TCP port"),
+        ("TRACKGATE_HOSTNAME", "https://x.example/", "not a host name"),
+        ("TRACKGATE_BCRYPT_ROUNDS", "3", "TRACKGATE_BCRYPT_ROUNDS"),
+    ],
+)
 def test_invalid_settings_are_named_without_a_traceback(
     tmp_path: Path, variable: str, value: str, message: str
 ) -> None:
@@ -202,7 +242,14 @@ def test_a_normal_user_runs_the_stack_on_high_ports(nobodys_dir: Path) -> None:
 
 def test_a_normal_user_cannot_take_privileged_ports(nobodys_dir: Path) -> None:
     data = nobodys_dir
-    result = trackgate("up", "--https-port", "443", "--http-port", "80",
-                       env={"TRACKGATE_DATA_DIR": str(data), "HOME": str(data)}, user=65534)
+    result = trackgate(
+        "up",
+        "--https-port",
+        "443",
+        "--http-port",
+        "80",
+        env={"TRACKGATE_DATA_DIR": str(data), "HOME": str(data)},
+        user=65534,
+    )
     assert result.returncode == 1
     assert "needs root" in result.stderr

@@ -16,10 +16,15 @@ from app.users import HtpasswdStore
 from .support import clean_env
 
 
-def trackgate(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def trackgate(
+    data_dir: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        input=stdin, capture_output=True, text=True, timeout=60,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env=clean_env(TRACKGATE_DATA_DIR=str(data_dir), TRACKGATE_BCRYPT_ROUNDS="4"),
     )
 
@@ -35,17 +40,20 @@ def _htpasswd(data_dir: Path) -> str:
     return (data_dir / "htpasswd").read_text()
 
 
-@pytest.mark.parametrize("name, password, message", [
-    ("bob", "x" * 73 + "\n", "73 bytes"),
-    ("bob", "é" * 37 + "\n", "74 bytes"),  # bytes, not characters, count
-    ("bo:b", "pw\n", "contains ':'"),
-    ("bo b", "pw\n", "whitespace"),
-    ("bo\tb", "pw\n", "whitespace"),
-    ("", "pw\n", "username is empty"),
-    ("bob", "\n", "password is empty"),
-    ("bob", "", "password is empty"),
-    ("alice", "other\n", "exists"),
-])
+@pytest.mark.parametrize(
+    "name, password, message",
+    [
+        ("bob", "x" * 73 + "\n", "73 bytes"),
+        ("bob", "é" * 37 + "\n", "74 bytes"),  # bytes, not characters, count
+        ("bo:b", "pw\n", "contains ':'"),
+        ("bo b", "pw\n", "whitespace"),
+        ("bo\tb", "pw\n", "whitespace"),
+        ("", "pw\n", "username is empty"),
+        ("bob", "\n", "password is empty"),
+        ("bob", "", "password is empty"),
+        ("alice", "other\n", "exists"),
+    ],
+)
 def test_bad_input_is_refused_clearly_and_leaves_the_file_as_it_was(
     data_dir: Path, name: str, password: str, message: str
 ) -> None:
@@ -64,7 +72,9 @@ def test_password_of_exactly_72_bytes_is_accepted(data_dir: Path) -> None:
 
 
 def test_password_stdin_reads_exactly_one_line(data_dir: Path) -> None:
-    result = trackgate(data_dir, "users", "add", "bob", "--password-stdin", stdin="one two\nthree\n")
+    result = trackgate(
+        data_dir, "users", "add", "bob", "--password-stdin", stdin="one two\nthree\n"
+    )
     assert result.returncode == 0, result.stderr
     store = HtpasswdStore(data_dir / "htpasswd")
     assert store.verify("bob", "one two")
@@ -72,10 +82,30 @@ def test_password_stdin_reads_exactly_one_line(data_dir: Path) -> None:
 
 
 def test_passwd_remove_and_verify_change_what_the_file_accepts(data_dir: Path) -> None:
-    assert trackgate(data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n").returncode == 0
-    assert trackgate(data_dir, "users", "passwd", "alice", "--password-stdin", stdin="second-pw\n").returncode == 0
-    assert trackgate(data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n").returncode == 1
-    assert trackgate(data_dir, "users", "verify", "alice", "--password-stdin", stdin="second-pw\n").returncode == 0
+    assert (
+        trackgate(
+            data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n"
+        ).returncode
+        == 0
+    )
+    assert (
+        trackgate(
+            data_dir, "users", "passwd", "alice", "--password-stdin", stdin="second-pw\n"
+        ).returncode
+        == 0
+    )
+    assert (
+        trackgate(
+            data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n"
+        ).returncode
+        == 1
+    )
+    assert (
+        trackgate(
+            data_dir, "users", "verify", "alice", "--password-stdin", stdin="second-pw\n"
+        ).returncode
+        == 0
+    )
     assert trackgate(data_dir, "users", "remove", "alice").returncode == 0
     assert trackgate(data_dir, "users", "list").stdout == ""
 
@@ -88,7 +118,9 @@ def test_unknown_user_is_a_clear_error(data_dir: Path, command: list[str]) -> No
 
 
 def test_missing_data_directory_is_a_clear_error(tmp_path: Path) -> None:
-    result = trackgate(tmp_path / "missing", "users", "add", "bob", "--password-stdin", stdin="pw\n")
+    result = trackgate(
+        tmp_path / "missing", "users", "add", "bob", "--password-stdin", stdin="pw\n"
+    )
     assert result.returncode == 1
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -109,16 +141,22 @@ def test_without_a_terminal_a_prompt_is_not_attempted(data_dir: Path) -> None:
 def test_writes_keep_the_file_mode_and_are_bcrypt(data_dir: Path) -> None:
     path = data_dir / "htpasswd"
     os.chmod(path, 0o600)
-    assert trackgate(data_dir, "users", "add", "bob", "--password-stdin", stdin="pw\n").returncode == 0
+    assert (
+        trackgate(data_dir, "users", "add", "bob", "--password-stdin", stdin="pw\n").returncode == 0
+    )
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert all(line.split(":", 1)[1].startswith("$2y$") for line in _htpasswd(data_dir).splitlines())
+    assert all(
+        line.split(":", 1)[1].startswith("$2y$") for line in _htpasswd(data_dir).splitlines()
+    )
 
 
 def test_concurrent_adds_lose_nothing(data_dir: Path) -> None:
     names = [f"user{i}" for i in range(16)]
 
     def add(name: str) -> int:
-        return trackgate(data_dir, "users", "add", name, "--password-stdin", stdin=f"{name}-pw\n").returncode
+        return trackgate(
+            data_dir, "users", "add", name, "--password-stdin", stdin=f"{name}-pw\n"
+        ).returncode
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(add, names)) == [0] * len(names)
@@ -152,4 +190,7 @@ def test_set_is_idempotent_for_provisioning(data_dir: Path) -> None:
     again = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
     changed = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw2\n")
     assert (first.stdout, again.stdout, changed.stdout) == (
-        "changed: carol\n", "unchanged: carol\n", "changed: carol\n")
+        "changed: carol\n",
+        "unchanged: carol\n",
+        "changed: carol\n",
+    )
