@@ -22,6 +22,8 @@ import json
 import os
 import queue
 import secrets
+import shlex
+import signal
 import ssl
 import subprocess
 import sys
@@ -328,6 +330,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data, logs)")
     args = parser.parse_args()
+    # `kill PID` unwinds like Ctrl-C, so every server and client is stopped in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = QUICK if args.quick else FULL
     began = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
@@ -384,7 +388,7 @@ def main() -> None:
             for name in ("bare", "trackgate", "textbook", "mlflow-auth"):
                 tg.remove_tree(work / name)
     elapsed = time.monotonic() - began
-    command = ".venv/bin/python -m bench.run" + (" --quick" if args.quick else "")
+    command = shlex.join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]])
     header = (f"# trackgate benchmark (issue 4)\n\n"
               f"- Date: {started_at:%Y-%m-%d %H:%M} UTC; run time {elapsed / 60:.1f} min\n"
               f"- Command: `{command}`\n"
