@@ -89,18 +89,8 @@ class RunningStack:
             "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.ca),
         }
 
-    def get(
-        self,
-        path: str,
-        *,
-        auth: tuple[str, str] | None = None,
-        source_ip: str | None = None,
-        **kwargs: Any,
-    ) -> requests.Response:
-        with session_from(source_ip) as session:
-            kwargs.setdefault("timeout", 30)
-            kwargs.setdefault("verify", str(self.ca))
-            return session.get(self.url + path, auth=auth, **kwargs)
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
 
     def request(
         self,
@@ -111,6 +101,7 @@ class RunningStack:
         source_ip: str | None = None,
         **kwargs: Any,
     ) -> requests.Response:
+        """One request from its own loopback source address (see fresh_source_ip)."""
         with session_from(source_ip) as session:
             kwargs.setdefault("timeout", 30)
             kwargs.setdefault("verify", str(self.ca))

@@ -112,66 +112,37 @@ def test_check_explains_each_failure_precisely(
     assert message in result.message
 
 
-def test_login_checks_then_saves_credentials_readable_only_by_the_user(
-    stack: RunningStack, tmp_path: Path
-) -> None:
-    env_file = tmp_path / "creds.env"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "login",
-            stack.url,
-            "-u",
-            "admin",
-            "--password-stdin",
-            "--ca-cert",
-            str(stack.ca),
-            "--env-file",
-            str(env_file),
-        ],
-        input=stack.admin_password + "\n",
+def _login(
+    stack: RunningStack, user: str, password: str, env_file: Path
+) -> subprocess.CompletedProcess[str]:
+    argv = ["login", stack.url, "-u", user, "--password-stdin", "--ca-cert", str(stack.ca)]
+    return subprocess.run(
+        [sys.executable, "-m", "app", *argv, "--env-file", str(env_file)],
+        input=password + "\n",
         capture_output=True,
         text=True,
         timeout=60,
         env=clean_env(),
     )
+
+
+def test_login_checks_then_saves_credentials_readable_only_by_the_user(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    env_file = tmp_path / "creds.env"
+    result = _login(stack, "admin", stack.admin_password, env_file)
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     config = resolve(env_file)
-    assert (config.uri, config.username, config.password) == (
-        stack.url,
-        "admin",
-        stack.admin_password,
-    )
+    expected = (stack.url, "admin", stack.admin_password)
+    assert (config.uri, config.username, config.password) == expected
     assert config.cert_path == str(stack.ca)
 
 
 def test_login_with_a_wrong_password_saves_nothing(stack: RunningStack, tmp_path: Path) -> None:
     name, _ = stack.new_user("login")
     env_file = tmp_path / "creds.env"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "login",
-            stack.url,
-            "-u",
-            name,
-            "--password-stdin",
-            "--ca-cert",
-            str(stack.ca),
-            "--env-file",
-            str(env_file),
-        ],
-        input="wrong\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-    )
+    result = _login(stack, name, "wrong", env_file)
     assert result.returncode == 1
     assert "wrong username or password" in result.stderr
     assert not env_file.exists()
