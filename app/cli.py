@@ -27,7 +27,7 @@ def _fail(message: str, code: int = 1) -> None:
 def _default_text(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
-        return {"data_dir": "~/.local/share/trackgate", "bcrypt_concurrency": "CPU count",
+        return {"data_dir": "~/.local/share/trackgate", "bcrypt_concurrency": "CPU count - 1",
                 "extra_hostnames": "none"}[name]
     return "derived" if field.default is None else str(field.default)
 
