@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from app import database
-from app.gunicorn_conf import tracking_options
-from app.serve import _GunicornApp, mlflow_environment
+from trackgate import database
+from trackgate.server.gunicorn import GunicornApp, tracking_options
+from trackgate.server.tracking import mlflow_environment
 
 from .targets import tracking_settings
 
@@ -47,7 +47,7 @@ def main(data_dir: Path, port: int) -> None:
     auth.bootstrap_admin_user()  # once, before the workers fork (as `mlflow server` does)
     os.environ["_MLFLOW_AUTH_ADMIN_BOOTSTRAPPED"] = "true"
     options = {**tracking_options(settings), "proc_name": "bench-mlflow-auth"}
-    _GunicornApp(auth.create_app, options).run()
+    GunicornApp(auth.create_app, options).run()
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from trackgate.users import HtpasswdStore, hash_password
 
-from app.users import HtpasswdStore, hash_password
 from tests.support import clean_env
 
 from . import cpu, report

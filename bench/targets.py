@@ -1,7 +1,7 @@
 """The four servers the benchmark compares, each started on free loopback ports and stopped by PID.
 
 - bare: `trackgate serve tracking` (gunicorn + `mlflow.server:app`), no proxy, no auth;
-- trackgate: the full stack (`app.stack.up`: nginx + TLS + auth gateway + the same gunicorn);
+- trackgate: the full stack (`trackgate up`: nginx + TLS + auth gateway + the same gunicorn);
 - textbook: nginx `auth_basic` with a bcrypt-12 htpasswd and TLS in front of the *bare* gunicorn;
 - mlflow-auth: MLflow's basic-auth app (`mlflow.server.auth:create_app`) with its credential cache
   on, under the same gunicorn options (see bench/mlflow_auth.py).
@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from app import tls
-from app.settings import Settings
-from app.stack import find_nginx, running_pid
-from app.users import HtpasswdStore
+from trackgate import tls
+from trackgate.local.stack import running_pid
+from trackgate.nginx import find_binary as find_nginx
+from trackgate.settings import Settings
+from trackgate.users import HtpasswdStore
+
 from tests.support import clean_env, free_port, running_stack
 
 BCRYPT_ROUNDS = 12
@@ -122,7 +124,7 @@ def bare_gunicorn(work: Path) -> Iterator[Target]:
     port = free_port()
     settings = tracking_settings(work / "bare", port)
     log = work / "bare" / "serve.out"
-    proc = _spawn([sys.executable, "-m", "app", "serve", "tracking"],
+    proc = _spawn([sys.executable, "-m", "trackgate", "serve", "tracking"],
                   clean_env(**settings.to_env()), log)
     try:
         _wait_http_ok(port, proc, "bare gunicorn", log)
@@ -133,7 +135,7 @@ def bare_gunicorn(work: Path) -> Iterator[Target]:
 
 @contextlib.contextmanager
 def trackgate_stack(work: Path, **overrides: str) -> Iterator[Target]:
-    """The real stack via `app.stack.up`, with a bcrypt-12 user of its own; `overrides` are
+    """The real stack via `trackgate up`, with a bcrypt-12 user of its own; `overrides` are
     settings fields (e.g. bcrypt_concurrency), for experiments."""
     settings = {"bcrypt_rounds": BCRYPT_ROUNDS, **overrides}
     with running_stack(work / "trackgate", **settings) as stack:

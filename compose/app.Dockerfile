@@ -17,7 +17,7 @@ COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=build_ca \
     if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
- && mkdir -p app nginx && touch README.md app/__init__.py nginx/.stub \
+ && mkdir -p app/trackgate nginx && touch README.md app/trackgate/__init__.py nginx/.stub \
  && /opt/trackgate/bin/pip install --disable-pip-version-check '.[postgres]' \
  && rm -rf README.md app nginx \
  # The server never plots or trains: drop mlflow's client-side ML/plotting stack (~290 MB).

@@ -1,4 +1,4 @@
-"""A training script on the team SDK (app/sdk.py): parameters from a file, credentials checked
+"""A training script on the team SDK (trackgate.sdk): parameters from a file, credentials checked
 up front, autolog, the script itself and the saved model file logged with the run.
 
     python examples/sdk_train.py [--params examples/params.yaml] [--out outputs]
@@ -14,8 +14,7 @@ import mlflow
 from sklearn.datasets import load_diabetes
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import train_test_split
-
-from app import sdk
+from trackgate import sdk
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-
-from app import stack as stack_module
-from app.settings import Settings
-from app.users import HtpasswdStore
+from trackgate.local import stack as stack_module
+from trackgate.settings import Settings
+from trackgate.users import HtpasswdStore
 
 _source_counter = itertools.count(2)
 

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from app import client
-from app.client import ClientError, TrackingConfig, check, configure, resolve
+from trackgate import client
+from trackgate.client import ClientError, TrackingConfig, check, configure, resolve
 
 from .support import RunningStack, clean_env, free_port
 
@@ -117,7 +116,7 @@ def _login(
 ) -> subprocess.CompletedProcess[str]:
     argv = ["login", stack.url, "-u", user, "--password-stdin", "--ca-cert", str(stack.ca)]
     return subprocess.run(
-        [sys.executable, "-m", "app", *argv, "--env-file", str(env_file)],
+        [sys.executable, "-m", "trackgate", *argv, "--env-file", str(env_file)],
         input=password + "\n",
         capture_output=True,
         text=True,
@@ -152,7 +151,7 @@ def test_check_command_reports_what_the_environment_would_use(
     stack: RunningStack, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "app", "check"],
+        [sys.executable, "-m", "trackgate", "check"],
         capture_output=True,
         text=True,
         timeout=60,

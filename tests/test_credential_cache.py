@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from app.credential_cache import CredentialCache
-from app.throttle import FailureThrottle
+from trackgate.server.credentials import CredentialCache
+from trackgate.server.throttle import FailureThrottle
 
 
 def test_cache_hits_only_for_the_same_password_and_the_same_hash() -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from app.supervisor import state_file
+from trackgate.local.supervisor import state_file
 
 from .support import RunningStack, fresh_source_ip
 

@@ -24,7 +24,7 @@ PASSWORD_LINE = re.compile(r"Created user 'admin' with password: (\S+)")
 def trackgate(
     *args: str, env: dict[str, str] | None = None, user: int | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "app", *args]
+    argv = [sys.executable, "-m", "trackgate", *args]
     if user is not None:  # run as an unprivileged user, like a non-root developer
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     return subprocess.run(
@@ -199,7 +199,7 @@ def test_invalid_settings_are_named_without_a_traceback(
 
 
 def test_a_flag_beats_the_environment_which_beats_the_default(tmp_path: Path) -> None:
-    from app.settings import load_settings
+    from trackgate.settings import load_settings
 
     os.environ["TRACKGATE_HTTPS_PORT"] = "9443"
     try:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import requests
 from cryptography import x509
-
-from app.settings import Settings
-from app.tls import ensure_certificates
+from trackgate.settings import Settings
+from trackgate.tls import ensure_certificates
 
 from .support import clean_env, running_stack
 
@@ -77,7 +76,7 @@ def test_the_operators_own_certificate_is_served(tmp_path: Path) -> None:
 
 def test_a_missing_certificate_file_is_a_clear_error(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "app", "up"],
+        [sys.executable, "-m", "trackgate", "up"],
         capture_output=True,
         text=True,
         timeout=60,

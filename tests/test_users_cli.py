@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from app.users import HtpasswdStore
+from trackgate.users import HtpasswdStore
 
 from .support import clean_env
 
@@ -20,7 +19,7 @@ def trackgate(
     data_dir: Path, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app", *args],
+        [sys.executable, "-m", "trackgate", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.settings import Settings
+from trackgate.settings import Settings
 
 from ..support import RunningStack, free_port
 

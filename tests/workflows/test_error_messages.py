@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from app import client
+from trackgate import client
 
 from ..support import RunningStack
 from .conftest import user_env
@@ -29,8 +28,8 @@ def _check(stack: RunningStack, **env: str) -> subprocess.CompletedProcess[str]:
     for name, value in env.items():
         if value == "":
             del full[name]
-    return subprocess.run([sys.executable, "-m", "app", "check", "--env-file", "/nonexistent"],
-                          env=full, capture_output=True, text=True, timeout=60)
+    argv = [sys.executable, "-m", "trackgate", "check", "--env-file", "/nonexistent"]
+    return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=60)
 
 
 def test_check_names_the_user_whose_password_is_wrong(strict_stack: RunningStack) -> None:

@@ -1,4 +1,4 @@
-"""Workflow 6: the team SDK (app/sdk.py) that training scripts wrap MLflow with."""
+"""Workflow 6: the team SDK (trackgate.sdk) that training scripts wrap MLflow with."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
-
-from app import client, sdk
+from trackgate import client, sdk
 
 from ..support import RunningStack
 from .conftest import EXAMPLES, run_example, unique

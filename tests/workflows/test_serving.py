@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from app import nginx_config
-
 from ..support import RunningStack, free_port, fresh_source_ip
 from .conftest import user_env
 
@@ -71,7 +69,7 @@ def _serve_model(stack: RunningStack, model: str, name: str, workdir: Path,
         env["TRACKGATE_SERVE_MODEL_PORT"] = str(port)
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve-model", f"models:/{model}@champion",
+            [sys.executable, "-m", "trackgate", "serve-model", f"models:/{model}@champion",
              "--name", name], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
             text=True)
     try:
@@ -130,7 +128,7 @@ def test_stopping_serve_model_unpublishes_the_location(
 
 
 def _assert_unpublished_on_stop(stack: RunningStack, served: Served) -> None:
-    location = nginx_config.serving_dir(stack.settings) / f"{served.name}.conf"
+    location = stack.settings.serving_dir / f"{served.name}.conf"
     assert location.is_file()
     assert _stop(served.proc) == 0
     assert not location.exists()
@@ -147,13 +145,14 @@ def _assert_unpublished_on_stop(stack: RunningStack, served: Served) -> None:
 def test_serve_model_rejects_names_that_are_not_url_safe(stack: RunningStack,
                                                           tmp_path: Path) -> None:
     env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
-    before = set(nginx_config.serving_dir(stack.settings).iterdir())
+    before = set(stack.settings.serving_dir.iterdir())
     result = subprocess.run(
-        [sys.executable, "-m", "app", "serve-model", "models:/x@champion", "--name", "a/../b;"],
+        [sys.executable, "-m", "trackgate", "serve-model", "models:/x@champion",
+         "--name", "a/../b;"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "is not a serving name" in result.stderr
-    assert set(nginx_config.serving_dir(stack.settings).iterdir()) == before
+    assert set(stack.settings.serving_dir.iterdir()) == before
 
 
 def test_mlflow_models_serve_on_a_client_downloads_through_the_proxy(
@@ -184,12 +183,12 @@ def test_mlflow_models_serve_on_a_client_downloads_through_the_proxy(
 
 def test_second_serve_model_for_the_same_name_is_refused_and_changes_nothing(
         stack: RunningStack, served: Served, tmp_path: Path) -> None:
-    location = nginx_config.serving_dir(stack.settings) / f"{served.name}.conf"
+    location = stack.settings.serving_dir / f"{served.name}.conf"
     published = location.read_text()
     env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir),
                    TRACKGATE_SERVE_MODEL_PORT=str(free_port()))
     result = subprocess.run(
-        [sys.executable, "-m", "app", "serve-model", f"models:/{served.name}@champion",
+        [sys.executable, "-m", "trackgate", "serve-model", f"models:/{served.name}@champion",
          "--name", served.name], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 1
@@ -225,12 +224,12 @@ def test_serve_model_of_an_unknown_model_fails_clearly_and_publishes_nothing(
         stack: RunningStack, tmp_path: Path) -> None:
     env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
     result = subprocess.run(
-        [sys.executable, "-m", "app", "serve-model", "models:/no-such-model@champion",
+        [sys.executable, "-m", "trackgate", "serve-model", "models:/no-such-model@champion",
          "--name", "no-such-model"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 1
     assert "trackgate: error: cannot download models:/no-such-model@champion" in result.stderr
-    serving = nginx_config.serving_dir(stack.settings)
+    serving = stack.settings.serving_dir
     assert not list(serving.glob("no-such-model.*"))
 
 
@@ -240,7 +239,7 @@ def test_serve_model_with_a_wrong_password_says_so_before_downloading(
     env = user_env(strict_stack, TRACKGATE_DATA_DIR=str(strict_stack.settings.data_dir),
                    MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD="not-the-password")
     result = subprocess.run(
-        [sys.executable, "-m", "app", "serve-model", "models:/any@champion", "--name", "any"],
+        [sys.executable, "-m", "trackgate", "serve-model", "models:/any@champion", "--name", "any"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"401: wrong username or password for '{user}'" in result.stderr

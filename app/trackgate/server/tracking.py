@@ -1,7 +1,8 @@
-"""Run one of trackgate's Python servers in the foreground under gunicorn.
+"""The MLflow tracking server: the real `mlflow.server:app` under gunicorn, with the environment
+`mlflow server --serve-artifacts` would set and the schema checked before it starts.
 
-The same entry point (`trackgate serve tracking|gateway`) runs under `trackgate up`'s supervisor,
-under systemd units (Ansible) and as a container command (compose).
+`trackgate serve tracking` runs it in the foreground under `trackgate up`'s supervisor, systemd
+units (Ansible) and containers (compose) alike.
 """
 
 from __future__ import annotations
@@ -10,27 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gunicorn.app.base import BaseApplication
-
-from . import database
-from .gunicorn_conf import gateway_options, tracking_options
-from .settings import Settings
-
-
-class _GunicornApp(BaseApplication):  # type: ignore[misc]
-    """gunicorn's documented "custom application": options from a dict, app from a callable."""
-
-    def __init__(self, load: Any, options: dict[str, Any]) -> None:
-        self._load = load
-        self._options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        return self._load()
+from .. import database
+from ..settings import Settings
+from .gunicorn import GunicornApp, tracking_options
 
 
 def mlflow_environment(settings: Settings) -> dict[str, str]:
@@ -56,7 +39,7 @@ def _load_mlflow() -> Any:
     return app
 
 
-def run_tracking(settings: Settings) -> None:
+def run(settings: Settings) -> None:
     """Prepare the database and artifact store, then serve `mlflow.server:app`."""
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
@@ -64,12 +47,4 @@ def run_tracking(settings: Settings) -> None:
         Path(settings.artifacts_uri).mkdir(parents=True, exist_ok=True)
     database.ensure_schema(settings, allow_upgrade=False)
     os.environ.update(mlflow_environment(settings))
-    _GunicornApp(_load_mlflow, tracking_options(settings)).run()
-
-
-def run_gateway(settings: Settings) -> None:
-    from .gateway import create_app
-
-    if settings.logs is not None:
-        settings.logs.mkdir(parents=True, exist_ok=True)
-    _GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()
+    GunicornApp(_load_mlflow, tracking_options(settings)).run()

@@ -41,8 +41,10 @@ class TrackingConfig:
 
     def __repr__(self) -> str:  # never print the password
         shown = "***" if self.password else None
-        return (f"TrackingConfig(uri={self.uri!r}, username={self.username!r}, "
-                f"password={shown!r}, cert_path={self.cert_path!r})")
+        return (
+            f"TrackingConfig(uri={self.uri!r}, username={self.username!r}, "
+            f"password={shown!r}, cert_path={self.cert_path!r})"
+        )
 
 
 def _sources(env_file: str | Path | None) -> list[dict[str, str | None]]:
@@ -120,25 +122,40 @@ def check(config: TrackingConfig, timeout: float = 15.0) -> CheckResult:
     try:
         with warnings.catch_warnings():  # insecure TLS was asked for explicitly: no nagging
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-            response = requests.get(url, auth=auth, verify=verify, timeout=timeout,
-                                    allow_redirects=False)
+            response = requests.get(
+                url, auth=auth, verify=verify, timeout=timeout, allow_redirects=False
+            )
     except requests.exceptions.SSLError as exc:
         if "mismatch" in str(exc):  # OpenSSL: "Hostname mismatch" / "IP address mismatch"
-            return CheckResult(False, (
-                f"TLS: the server's certificate is not for the host name in {config.uri} "
-                f"({_short(exc)}); use the host name the server was set up with"))
-        return CheckResult(False, (
-            f"TLS: the server's certificate is not trusted ({_short(exc)}). If it uses trackgate's "
-            "local CA, export MLFLOW_TRACKING_SERVER_CERT_PATH=/path/to/ca.pem"))
+            return CheckResult(
+                False,
+                (
+                    f"TLS: the server's certificate is not for the host name in {config.uri} "
+                    f"({_short(exc)}); use the host name the server was set up with"
+                ),
+            )
+        return CheckResult(
+            False,
+            (
+                f"TLS: the server's certificate is not trusted ({_short(exc)}). If it uses "
+                "trackgate's local CA, export MLFLOW_TRACKING_SERVER_CERT_PATH=/path/to/ca.pem"
+            ),
+        )
     except requests.exceptions.ConnectionError as exc:
         text = str(exc)
         if "RemoteDisconnected" in text or "Connection aborted" in text:
-            return CheckResult(False, (
-                f"the server closed the connection without answering: it does not serve the host "
-                f"name in {config.uri} (nginx refuses unknown Host names); use the configured "
-                "host name"))
-        return CheckResult(False, f"cannot connect to {config.uri}: {_short(exc)}; "
-                                  "is the server up and the port right?")
+            return CheckResult(
+                False,
+                (
+                    "the server closed the connection without answering: it does not serve the "
+                    f"host name in {config.uri} (nginx refuses unknown Host names); use the "
+                    "configured host name"
+                ),
+            )
+        return CheckResult(
+            False,
+            f"cannot connect to {config.uri}: {_short(exc)}; is the server up and the port right?",
+        )
     except requests.exceptions.Timeout:
         return CheckResult(False, f"{config.uri} did not answer within {timeout:.0f} s")
     return _explain(response.status_code, response, config)
@@ -149,39 +166,64 @@ def _explain(status: int, response: requests.Response, config: TrackingConfig) -
         who = config.username or "anonymous"
         return CheckResult(True, f"OK: {config.uri} accepts {who}")
     if status in (301, 302, 307, 308):
-        return CheckResult(False, f"the server redirects to {response.headers.get('Location')}: "
-                                  "use that URL (https) as MLFLOW_TRACKING_URI")
+        return CheckResult(
+            False,
+            f"the server redirects to {response.headers.get('Location')}: "
+            "use that URL (https) as MLFLOW_TRACKING_URI",
+        )
     if status == 401:
         if not config.username:
-            return CheckResult(False, "the server wants a login: export MLFLOW_TRACKING_USERNAME "
-                                      "and MLFLOW_TRACKING_PASSWORD")
-        return CheckResult(False, f"401: wrong username or password for {config.username!r}; "
-                                  "check MLFLOW_TRACKING_USERNAME/PASSWORD or ask an admin to run "
-                                  "`trackgate users passwd`")
+            return CheckResult(
+                False,
+                "the server wants a login: export MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD",
+            )
+        return CheckResult(
+            False,
+            f"401: wrong username or password for {config.username!r}; "
+            "check MLFLOW_TRACKING_USERNAME/PASSWORD or ask an admin to run "
+            "`trackgate users passwd`",
+        )
     if status == 403:
         if "Invalid Host header" in response.text:
-            return CheckResult(False, "403 from MLflow: the Host name is not allowed; add it to "
-                                      "TRACKGATE_EXTRA_HOSTNAMES on the server")
+            return CheckResult(
+                False,
+                "403 from MLflow: the Host name is not allowed; add it to "
+                "TRACKGATE_EXTRA_HOSTNAMES on the server",
+            )
         return CheckResult(False, f"403 Forbidden from the server: {response.text.strip()[:200]}")
     if status == 413:
-        return CheckResult(False, "413: the upload is larger than the proxy allows; raise "
-                                  "TRACKGATE_MAX_UPLOAD (nginx client_max_body_size) on the server")
+        return CheckResult(
+            False,
+            "413: the upload is larger than the proxy allows; raise "
+            "TRACKGATE_MAX_UPLOAD (nginx client_max_body_size) on the server",
+        )
     if status == 429:
         wait = response.headers.get("Retry-After", "a few")
-        return CheckResult(False, f"429: too many failed logins from here; wait {wait} s and "
-                                  "check the password")
+        return CheckResult(
+            False, f"429: too many failed logins from here; wait {wait} s and check the password"
+        )
     if status in (502, 503):
-        return CheckResult(False, f"{status}: the proxy is up but the tracking server or auth "
-                                  "gateway is not; run `trackgate status` on the server")
+        return CheckResult(
+            False,
+            f"{status}: the proxy is up but the tracking server or auth "
+            "gateway is not; run `trackgate status` on the server",
+        )
     if status == 504:
         # The check is one tiny request: a timeout here means MLflow is stuck, not slow uploads.
-        return CheckResult(False, "504: the proxy gave up waiting for the tracking server, which "
-                                  "is hung or overloaded; run `trackgate status` on the server "
-                                  "and restart it (if only long uploads fail, raise "
-                                  "TRACKGATE_PROXY_TIMEOUT instead)")
+        return CheckResult(
+            False,
+            "504: the proxy gave up waiting for the tracking server, which "
+            "is hung or overloaded; run `trackgate status` on the server "
+            "and restart it (if only long uploads fail, raise "
+            "TRACKGATE_PROXY_TIMEOUT instead)",
+        )
     if status == 500:
-        return CheckResult(False, "500: the server failed (if every request fails, the auth "
-                                  "gateway may be down: run `trackgate status` on the server)")
+        return CheckResult(
+            False,
+            "500: the server failed (if every request fails, the auth "
+            "gateway may be down: run `trackgate status` on the server)",
+        )
     return CheckResult(False, f"unexpected HTTP {status}: {response.text.strip()[:200]}")
 
 
@@ -197,8 +239,11 @@ def write_env_file(path: Path, config: TrackingConfig) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.close(fd)
     os.chmod(path, 0o600)
-    values = {"MLFLOW_TRACKING_URI": config.uri, "MLFLOW_TRACKING_USERNAME": config.username,
-              "MLFLOW_TRACKING_PASSWORD": config.password}
+    values = {
+        "MLFLOW_TRACKING_URI": config.uri,
+        "MLFLOW_TRACKING_USERNAME": config.username,
+        "MLFLOW_TRACKING_PASSWORD": config.password,
+    }
     if config.cert_path:
         values["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(Path(config.cert_path).resolve())
     for name, value in values.items():  # python-dotenv quotes what the parser must read back

@@ -1,4 +1,5 @@
-"""Render the nginx/ templates from the settings: the one source of nginx config.
+"""Everything about nginx in one place: render the nginx/ templates from the settings, find the
+binary, build its command line, test a config and reload a running nginx.
 
 `trackgate up` and the compose image render the standalone main file (nginx.conf.j2); an
 Ansible-managed host renders only the site (trackgate.conf.j2) into Debian's conf.d.
@@ -7,6 +8,8 @@ Ansible-managed host renders only the site (trackgate.conf.j2) into Debian's con
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +22,14 @@ MAIN_TEMPLATE = "nginx.conf.j2"
 SERVING_TEMPLATE = "serving-location.conf.j2"
 
 
+class NginxError(RuntimeError):
+    """nginx is missing, refused the config or did not reload; the message says what to do."""
+
+
 def template_dir() -> Path:
-    """Templates ship inside the wheel as app/nginx; a source checkout has them at nginx/."""
+    """Templates ship inside the wheel as trackgate/nginx; a checkout has them at the top."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "nginx", here.parent / "nginx"):
+    for candidate in (here / "nginx", here.parents[1] / "nginx"):
         if (candidate / SITE_TEMPLATE).is_file():
             return candidate
     raise FileNotFoundError(f"nginx templates not found next to {here}")
@@ -63,11 +70,6 @@ class NginxContext:
         return f"{host}:{port}"
 
 
-def serving_dir(settings: Settings) -> Path:
-    """Where `trackgate serve-model` drops one location file per published model."""
-    return settings.data_dir / "serving"
-
-
 def context(settings: Settings, *, standalone: bool) -> NginxContext:
     ctx = NginxContext(
         server_names=settings.server_names,
@@ -81,7 +83,7 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         key_file=str(settings.key_file),
         max_upload=settings.max_upload,
         proxy_timeout=settings.proxy_timeout,
-        extra_includes=[f"{serving_dir(settings)}/*.conf"],
+        extra_includes=[f"{settings.serving_dir}/*.conf"],
     )
     if standalone:
         logs = settings.logs
@@ -139,3 +141,63 @@ def write_if_changed(path: Path, text: str, *, check: bool = False) -> bool:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     return True
+
+
+# --- the nginx process ------------------------------------------------------------------------
+
+
+def find_binary(settings: Settings) -> str:
+    found = shutil.which(settings.nginx_binary) or shutil.which(
+        settings.nginx_binary, path="/usr/sbin:/usr/local/sbin:/sbin"
+    )
+    if not found:
+        raise NginxError(
+            f"nginx not found ({settings.nginx_binary!r} is not on PATH or in /usr/sbin): "
+            "install it (Debian/Ubuntu: `sudo apt-get install nginx-light`) "
+            "or set TRACKGATE_NGINX_BINARY"
+        )
+    return found
+
+
+def argv(settings: Settings, binary: str, *extra: str) -> list[str]:
+    """nginx on the standalone config when there is one (`trackgate up`), else the system's
+    own (an Ansible host, where Debian's nginx.conf includes our site)."""
+    if not settings.nginx_conf.is_file():
+        return [binary, *extra]
+    return [
+        binary,
+        "-c",
+        str(settings.nginx_conf),
+        "-p",
+        str(settings.nginx_runtime_dir),
+        "-e",
+        str(error_log(settings)),
+        *extra,
+    ]
+
+
+def foreground_argv(settings: Settings, binary: str) -> list[str]:
+    """What a supervisor runs: nginx in the foreground on the standalone config."""
+    return argv(settings, binary, "-g", "daemon off;")
+
+
+def error_log(settings: Settings) -> Path | str:
+    return settings.logs / "nginx-error.log" if settings.logs else "stderr"
+
+
+def test(settings: Settings, binary: str | None = None) -> None:
+    """`nginx -t`: raise NginxError with nginx's own words if the config is refused."""
+    binary = binary or find_binary(settings)
+    result = subprocess.run(argv(settings, binary, "-t", "-q"), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise NginxError(f"nginx rejected the config:\n{result.stderr.strip()}")
+
+
+def reload(settings: Settings) -> None:
+    """Test the config, then reload the running nginx (the one `trackgate up` runs, else the
+    system's)."""
+    binary = find_binary(settings)
+    test(settings, binary)
+    result = subprocess.run(argv(settings, binary, "-s", "reload"), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise NginxError(f"nginx did not reload (is the stack running?): {result.stderr.strip()}")

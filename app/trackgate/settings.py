@@ -196,7 +196,31 @@ class Settings(BaseSettings):
 
     @property
     def run_dir(self) -> Path:
+        """Runtime state of `trackgate up`: pid files, the rendered nginx.conf."""
         return self.data_dir / "run"
+
+    @property
+    def nginx_conf(self) -> Path:
+        """The standalone nginx.conf (`trackgate up`, the compose nginx container)."""
+        return self.run_dir / "nginx.conf"
+
+    @property
+    def serving_dir(self) -> Path:
+        """Where `trackgate serve-model` drops one nginx location file per published model."""
+        return self.data_dir / "serving"
+
+    @property
+    def backups_dir(self) -> Path:
+        """Where `trackgate db backup` writes by default (and upgrades back up to)."""
+        return self.data_dir / "backups"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The sqlite database file, when the backend store is sqlite."""
+        uri = self.database_uri
+        if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+            return Path(uri.removeprefix("sqlite:///"))
+        return None
 
     @property
     def nginx_runtime_dir(self) -> Path:
@@ -223,6 +247,50 @@ class Settings(BaseSettings):
         host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
         return f"https://{host}{port}"
 
+    def layout(self) -> dict[str, Any]:
+        """Every derived path, port and URL: what `trackgate config --json` prints, so that
+        Ansible, compose and tests read them instead of deriving them again."""
+        paths = {
+            "data_dir": self.data_dir,
+            "htpasswd": self.htpasswd,
+            "tls_dir": self.tls_dir,
+            "ca_cert": self.ca_cert if self.uses_local_ca else None,
+            "cert_file": self.cert_file,
+            "key_file": self.key_file,
+            "run_dir": self.run_dir,
+            "nginx_conf": self.nginx_conf,
+            "nginx_runtime_dir": self.nginx_runtime_dir,
+            "serving_dir": self.serving_dir,
+            "backups_dir": self.backups_dir,
+            "log_dir": self.logs,
+            "sqlite_path": self.sqlite_path,
+        }
+        return {
+            "public_url": self.public_url,
+            "server_names": self.server_names,
+            "ports": {
+                "http": self.http_port,
+                "https": self.https_port,
+                "tracking": self.tracking_port,
+                "gateway": self.gateway_port,
+                "serve_model": self.serve_model_port,
+            },
+            "tracking_address": self.tracking_address,
+            "gateway_address": self.gateway_address,
+            "health_urls": {
+                "tracking": f"http://{self.tracking_address}/health",
+                "gateway": f"http://{self.gateway_address}/healthz",
+                "public": f"{self.public_url}/health",
+            },
+            "database_uri": _redact(self.database_uri),
+            "artifacts_uri": self.artifacts_uri,
+            "uses_local_ca": self.uses_local_ca,
+            "paths": {k: (str(v) if v is not None else None) for k, v in paths.items()},
+            "settings": {
+                k: v for k, v in self.to_env().items() if k != ENV_PREFIX + "BACKEND_STORE_URI"
+            },
+        }
+
     def to_env(self) -> dict[str, str]:
         """The settings as TRACKGATE_* variables, to hand to a child process unchanged."""
         env: dict[str, str] = {}
@@ -231,6 +299,17 @@ class Settings(BaseSettings):
                 value = ",".join(value)
             env[ENV_PREFIX + name.upper()] = str(value)
         return env
+
+
+def _redact(uri: str) -> str:
+    """A database URI without its password, for printing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _is_ip(value: str) -> bool:

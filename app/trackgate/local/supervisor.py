@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .settings import Settings
+from .. import nginx
+from ..settings import Settings
 
 STOP_TIMEOUT = 20.0
 
@@ -40,17 +41,8 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
-def nginx_argv(settings: Settings, nginx: str) -> list[str]:
-    return [nginx, "-c", str(settings.run_dir / "nginx.conf"), "-p", str(settings.run_dir),
-            "-e", str(_nginx_error_log(settings)), "-g", "daemon off;"]
-
-
-def _nginx_error_log(settings: Settings) -> Path | str:
-    return settings.logs / "nginx-error.log" if settings.logs else "stderr"
-
-
-def children(settings: Settings, nginx: str) -> list[Child]:
-    python = [sys.executable, "-m", "app"]
+def children(settings: Settings, nginx_binary: str) -> list[Child]:
+    python = [sys.executable, "-m", "trackgate"]
     logs = settings.logs
 
     def log(name: str) -> Path | None:
@@ -59,7 +51,7 @@ def children(settings: Settings, nginx: str) -> list[Child]:
     return [
         Child("tracking", [*python, "serve", "tracking"], log("tracking")),
         Child("gateway", [*python, "serve", "gateway"], log("gateway")),
-        Child("nginx", nginx_argv(settings, nginx), log("nginx")),
+        Child("nginx", nginx.foreground_argv(settings, nginx_binary), log("nginx")),
     ]
 
 
@@ -67,10 +59,10 @@ def state_file(settings: Settings) -> Path:
     return settings.run_dir / "supervisor.json"
 
 
-def supervise(settings: Settings, nginx: str) -> int:
+def supervise(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     env = {**os.environ, **settings.to_env()}
-    procs = children(settings, nginx)
+    procs = children(settings, nginx.find_binary(settings))
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import os
+import sys
 import tempfile
 import unicodedata
 from collections.abc import Iterator
@@ -50,6 +52,23 @@ def validate_password(password: str) -> str:
             "so longer passwords are refused (pick a shorter one)"
         )
     return password
+
+
+def read_password(*, from_stdin: bool, new: bool) -> str:
+    """The one way a password is read: one line of stdin (its line ending dropped, CRLF too)
+    or a terminal prompt. A `new` password is validated, and typed twice at a terminal."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+    else:
+        if not sys.stdin.isatty():
+            raise UserError("no terminal to ask for a password: pipe it in with --password-stdin")
+        password = getpass.getpass("Password: ")
+        if new:
+            validate_password(password)
+            if getpass.getpass("Repeat password: ") != password:
+                raise UserError("the passwords do not match")
+    return validate_password(password) if new else password
 
 
 def hash_password(password: str, rounds: int = 12) -> str:

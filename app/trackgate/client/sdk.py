@@ -22,15 +22,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import client
-from .client import ClientError, TrackingConfig
+from . import connection as client
+from .connection import ClientError, TrackingConfig
 
 MODEL_SUFFIXES = (".joblib", ".pkl", ".h5", ".keras", ".onnx", ".pt", ".model")
 # Directories never searched for model files: environments, VCS data, local MLflow stores.
 _SKIP_DIRS = {".git", ".venv", "venv", "env", "node_modules", "__pycache__", "mlruns", ".tox"}
 
-__all__ = ["ClientError", "configure", "get_or_create_experiment", "load_params", "training_run",
-           "MODEL_SUFFIXES"]
+__all__ = [
+    "ClientError",
+    "configure",
+    "get_or_create_experiment",
+    "load_params",
+    "training_run",
+    "MODEL_SUFFIXES",
+]
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
@@ -48,13 +54,14 @@ def load_params(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter names to values, "
-                         f"got {type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}"
+        )
     return data
 
 
 def configure(env_file: str | Path | None = ".env", *, check: bool = True) -> TrackingConfig:
-    """Point MLflow at the team server (see `app.client.configure`) and, with `check`, make one
+    """Point MLflow at the team server (`trackgate.client.configure`) and, with `check`, make one
     request so that missing or wrong credentials fail here, with a message saying what to fix,
     rather than as a traceback deep in the first `log_metric`."""
     config = client.configure(env_file, require=True)
@@ -74,8 +81,9 @@ def get_or_create_experiment(name: str, *, tags: Mapping[str, str] | None = None
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
-            raise ClientError(f"experiment {name!r} is deleted: restore it in the UI "
-                              "or choose another name")
+            raise ClientError(
+                f"experiment {name!r} is deleted: restore it in the UI or choose another name"
+            )
         return str(found.experiment_id)
     try:
         return str(mlflow_client.create_experiment(name, tags=dict(tags or {})))
@@ -163,8 +171,9 @@ def training_run(
         mlflow.autolog(**{"silent": True, **(autolog if isinstance(autolog, Mapping) else {})})
     roots = [Path(d) for d in model_dirs]
     before = _model_files(roots)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})) \
-            as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})
+    ) as run:
         if params:
             mlflow.log_params(_flatten(params))
         if script is not None:
@@ -173,7 +182,8 @@ def training_run(
         try:
             yield run
         finally:  # a failed run keeps its checkpoints too: they show how far it got
-            written = [path for path, mtime in _model_files(roots).items()
-                       if before.get(path) != mtime]
+            written = [
+                path for path, mtime in _model_files(roots).items() if before.get(path) != mtime
+            ]
             for path in sorted(written):
                 mlflow.log_artifact(str(path), artifact_path="model_files")

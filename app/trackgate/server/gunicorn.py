@@ -1,10 +1,29 @@
-"""gunicorn configuration of trackgate's two Python servers, derived from the settings."""
+"""gunicorn for trackgate's two Python servers: options derived from the settings, and the app
+class that runs a WSGI callable with them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .settings import Settings
+from gunicorn.app.base import BaseApplication
+
+from ..settings import Settings
+
+
+class GunicornApp(BaseApplication):  # type: ignore[misc]
+    """gunicorn's documented "custom application": options from a dict, app from a callable."""
+
+    def __init__(self, load: Any, options: dict[str, Any]) -> None:
+        self._load = load
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self._load()
 
 
 def tracking_options(settings: Settings) -> dict[str, Any]:

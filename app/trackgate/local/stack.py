@@ -1,27 +1,28 @@
-"""`trackgate up|down|status`: the whole stack on one machine, without systemd or Docker."""
+"""`trackgate up|down|status`: the whole stack on one machine, without systemd or Docker.
+
+`up` provisions (see provision.py), checks ports and the nginx config, then starts the
+supervisor in its own session and waits until /health answers through nginx.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import nginx_config, tls
+from .. import nginx
+from ..processes import pid_alive, port_in_use
+from ..provision import prepare
+from ..settings import Settings
 from .probe import https_get
-from .settings import Settings
-from .supervisor import nginx_argv, state_file
-from .users import HtpasswdStore
+from .supervisor import state_file
 
-ADMIN = "admin"
 START_TIMEOUT = 120.0
 
 
@@ -34,19 +35,6 @@ class UpResult:
     url: str
     already_running: bool
     admin_password: str | None  # only when the admin user was created by this call
-
-
-def find_nginx(settings: Settings) -> str:
-    found = shutil.which(settings.nginx_binary) or shutil.which(
-        settings.nginx_binary, path="/usr/sbin:/usr/local/sbin:/sbin"
-    )
-    if not found:
-        raise StackError(
-            f"nginx not found ({settings.nginx_binary!r} is not on PATH or in /usr/sbin): "
-            "install it (Debian/Ubuntu: `sudo apt-get install nginx-light`) "
-            "or set TRACKGATE_NGINX_BINARY"
-        )
-    return found
 
 
 def _pid_file(settings: Settings) -> Path:
@@ -73,23 +61,7 @@ def running_pid(settings: Settings) -> int | None:
         pid = int(_pid_file(settings).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+    return pid if pid_alive(pid) else None
 
 
 def _check_ports(settings: Settings) -> None:
@@ -106,57 +78,25 @@ def _check_ports(settings: Settings) -> None:
                 f"port {port} needs root; run as root or pick a port above 1023 "
                 f"({flag} or TRACKGATE_{var})"
             )
-        if _port_in_use(host, port):
+        if port_in_use(host, port):
             raise StackError(
                 f"port {port} on {host} is already in use by another program: stop it, or choose "
                 f"another port with {flag} or TRACKGATE_{var}"
             )
 
 
-def ensure_admin(settings: Settings) -> str | None:
-    """Create the admin user with a generated password if there are no users yet."""
-    store = HtpasswdStore(settings.htpasswd, settings.bcrypt_rounds)
-    if store.list():
-        return None
-    password = secrets.token_urlsafe(18)
-    store.add(ADMIN, password)
-    return password
-
-
-def prepare(settings: Settings) -> str | None:
-    """Directories, certificates, the admin user and nginx config; returns a new admin password."""
-    for path in (settings.data_dir, settings.run_dir, settings.run_dir / "nginx-temp",
-                 nginx_config.serving_dir(settings)):
-        path.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.data_dir, 0o700)
-    if settings.logs is not None:
-        settings.logs.mkdir(parents=True, exist_ok=True)
-    tls.ensure_certificates(settings)
-    password = ensure_admin(settings)
-    conf = settings.run_dir / "nginx.conf"
-    nginx_config.write_if_changed(conf, nginx_config.render(settings, standalone=True))
-    return password
-
-
-def _nginx_test(settings: Settings, nginx: str) -> None:
-    argv = nginx_argv(settings, nginx)[:-2] + ["-t", "-q"]
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise StackError(f"nginx rejected the rendered config:\n{result.stderr.strip()}")
-
-
 def up(settings: Settings) -> UpResult:
     pid = running_pid(settings)
     if pid is not None:
         return UpResult(settings.public_url, already_running=True, admin_password=None)
-    nginx = find_nginx(settings)
+    nginx.find_binary(settings)
     _check_ports(settings)
     password = prepare(settings)
-    _nginx_test(settings, nginx)
+    nginx.test(settings)
     log_path = settings.logs / "supervisor.log" if settings.logs else Path(os.devnull)
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "supervise"],
+            [sys.executable, "-m", "trackgate", "supervise"],
             env={**os.environ, **settings.to_env()},
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -183,17 +123,24 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
         if crashing:
             raise StackError(f"{crashing} keeps exiting at start:\n{_log_tail(settings, crashing)}")
         try:
-            answer = https_get(settings.hostname, settings.https_port, "/health",
-                               ca_file=_trust_file(settings),
-                               verify=settings.uses_local_ca, timeout=5)
+            answer = https_get(
+                settings.hostname,
+                settings.https_port,
+                "/health",
+                ca_file=_trust_file(settings),
+                verify=settings.uses_local_ca,
+                timeout=5,
+            )
             if answer.status == 200:
                 return
             last = f"/health answered {answer.status}"
         except OSError as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise StackError(f"the stack did not become healthy in {START_TIMEOUT:.0f} s ({last}); "
-                     f"see the logs in {settings.logs}")
+    raise StackError(
+        f"the stack did not become healthy in {START_TIMEOUT:.0f} s ({last}); "
+        f"see the logs in {settings.logs}"
+    )
 
 
 def _crashing_child(settings: Settings) -> str | None:
@@ -263,9 +210,14 @@ def status(settings: Settings) -> Status:
     health = "not running"
     if pid:
         try:
-            answer = https_get(settings.hostname, settings.https_port, "/health",
-                               ca_file=_trust_file(settings),
-                               verify=settings.uses_local_ca, timeout=5)
+            answer = https_get(
+                settings.hostname,
+                settings.https_port,
+                "/health",
+                ca_file=_trust_file(settings),
+                verify=settings.uses_local_ca,
+                timeout=5,
+            )
             health = "healthy" if answer.status == 200 else f"/health answered {answer.status}"
         except OSError as exc:
             health = f"unreachable: {exc}"

@@ -8,13 +8,11 @@ SIGTERM) removes the location again, so a stopped model never answers with a 502
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,10 +24,10 @@ from types import FrameType
 
 import requests
 
-from . import client, nginx_config
-from .settings import Settings
-from .stack import StackError, _port_in_use, find_nginx
-from .supervisor import nginx_argv
+from .. import client, nginx
+from ..processes import any_free_port, die_with_parent, pid_alive, port_in_use
+from ..settings import Settings
+from .stack import StackError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 START_TIMEOUT = 120.0
@@ -50,13 +48,15 @@ class Published:
 def validate_name(name: str) -> str:
     """Names become part of a URL and of nginx config: letters, digits, '.', '_', '-' only."""
     if not NAME_PATTERN.match(name) or ".." in name:
-        raise ServingError(f"{name!r} is not a serving name: use letters, digits, '.', '_' or '-' "
-                           "(at most 64, starting with a letter or digit)")
+        raise ServingError(
+            f"{name!r} is not a serving name: use letters, digits, '.', '_' or '-' "
+            "(at most 64, starting with a letter or digit)"
+        )
     return name
 
 
 def location_file(settings: Settings, name: str) -> Path:
-    return nginx_config.serving_dir(settings) / f"{name}.conf"
+    return settings.serving_dir / f"{name}.conf"
 
 
 def download_model(model_uri: str, config: client.TrackingConfig, dst: Path) -> Path:
@@ -73,8 +73,9 @@ def download_model(model_uri: str, config: client.TrackingConfig, dst: Path) -> 
         raise ServingError(f"cannot download {model_uri}: {exc.message}") from exc
 
 
-def scoring_server_argv(model_path: Path, host: str, port: int,
-                        workers: int) -> tuple[list[str], dict[str, str]]:
+def scoring_server_argv(
+    model_path: Path, host: str, port: int, workers: int
+) -> tuple[list[str], dict[str, str]]:
     """The command `mlflow models serve --env-manager local` runs, with this interpreter's uvicorn
     (MLflow's own command names a bare `uvicorn`, which needs the venv on PATH)."""
     from mlflow.pyfunc import scoring_server
@@ -86,26 +87,12 @@ def scoring_server_argv(model_path: Path, host: str, port: int,
     return [sys.executable, "-m", "uvicorn", *argv[1:]], env
 
 
-def reload_nginx(settings: Settings) -> None:
-    """Check the config, then reload nginx (the one `trackgate up` runs, else the system's)."""
-    nginx = find_nginx(settings)
-    standalone = settings.run_dir / "nginx.conf"
-    base = nginx_argv(settings, nginx)[:-2] if standalone.is_file() else [nginx]
-    test = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
-    if test.returncode != 0:
-        raise ServingError(f"nginx rejected the config:\n{test.stderr.strip()}")
-    reload = subprocess.run([*base, "-s", "reload"], capture_output=True, text=True)
-    if reload.returncode != 0:
-        raise ServingError(f"nginx did not reload (is the stack running?): "
-                           f"{reload.stderr.strip()}")
-
-
 def publish(settings: Settings, name: str, upstream: str) -> Path:
     path = location_file(settings, name)
-    nginx_config.write_if_changed(path, nginx_config.render_serving_location(name, upstream))
+    nginx.write_if_changed(path, nginx.render_serving_location(name, upstream))
     try:
-        reload_nginx(settings)
-    except ServingError:
+        nginx.reload(settings)
+    except nginx.NginxError:
         path.unlink(missing_ok=True)  # never leave a config nginx refuses
         raise
     return path
@@ -115,40 +102,25 @@ def unpublish(settings: Settings, name: str) -> None:
     path = location_file(settings, name)
     if path.exists():
         path.unlink()
-        reload_nginx(settings)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when serve-model dies, even by SIGKILL (Linux prctl), so no
-    orphaned scoring server keeps the port; MLflow's own `models serve` does the same."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        nginx.reload(settings)
 
 
 def _claim(settings: Settings, name: str) -> Path:
     """Record that this process serves NAME; refuse if a live serve-model already does. A
     file left by a killed serve-model (dead PID) is simply taken over."""
-    owner = nginx_config.serving_dir(settings) / f"{name}.pid"
+    owner = settings.serving_dir / f"{name}.pid"
     try:
         other = int(owner.read_text().strip())
     except (FileNotFoundError, ValueError):
         other = None
-    if other is not None and other != os.getpid() and _alive(other):
-        raise ServingError(f"{name!r} is already served by `trackgate serve-model` (pid {other}): "
-                           "stop that one first, or choose another --name")
+    if other is not None and other != os.getpid() and pid_alive(other):
+        raise ServingError(
+            f"{name!r} is already served by `trackgate serve-model` (pid {other}): "
+            "stop that one first, or choose another --name"
+        )
     owner.parent.mkdir(parents=True, exist_ok=True)
     owner.write_text(f"{os.getpid()}\n")
     return owner
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str) -> None:
@@ -180,19 +152,26 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
 def _choose_port(host: str, settings: Settings, port: int | None) -> int:
     """The asked-for port (it must be free), else settings.serve_model_port, else any free one."""
     if port is not None:
-        if _port_in_use(host, port):
-            raise ServingError(f"port {port} on {host} is in use: choose another with "
-                               "--serve-model-port (or TRACKGATE_SERVE_MODEL_PORT)")
+        if port_in_use(host, port):
+            raise ServingError(
+                f"port {port} on {host} is in use: choose another with "
+                "--serve-model-port (or TRACKGATE_SERVE_MODEL_PORT)"
+            )
         return port
-    if not _port_in_use(host, settings.serve_model_port):
+    if not port_in_use(host, settings.serve_model_port):
         return settings.serve_model_port
-    with socket.socket() as sock:  # another model has the default port: let the OS pick
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return any_free_port(host)  # another model has the default port: let the OS pick
 
 
-def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | None = None,
-                workers: int = 1, on_ready: Callable[[Published], None] = lambda _p: None) -> int:
+def serve_model(
+    settings: Settings,
+    model_uri: str,
+    name: str,
+    *,
+    port: int | None = None,
+    workers: int = 1,
+    on_ready: Callable[[Published], None] = lambda _p: None,
+) -> int:
     """Download, serve and publish until stopped; returns the scoring server's exit code."""
     validate_name(name)
     config = client.configure(env_file=".env")
@@ -205,8 +184,7 @@ def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | No
     try:
         model_path = download_model(model_uri, config, workdir)
         argv, env = scoring_server_argv(model_path, host, port, workers)
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         upstream = f"{host}:{port}"
         _wait_until(lambda: _answers(f"http://{upstream}/ping"), proc, "it answered /ping")
         path = publish(settings, name, upstream)
@@ -214,8 +192,11 @@ def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | No
         auth = (config.username, config.password or "") if config.username else None
         verify: bool | str = config.cert_path or True
         # nginx reloads asynchronously: ready means the public URL answers through the proxy.
-        _wait_until(lambda: _answers(f"{base}/ping", auth=auth, verify=verify), proc,
-                    f"{base}/ping answered through nginx")
+        _wait_until(
+            lambda: _answers(f"{base}/ping", auth=auth, verify=verify),
+            proc,
+            f"{base}/ping answered through nginx",
+        )
         on_ready(Published(name, f"{base}/invocations", upstream, path))
         return proc.wait()
     except _Stop:
@@ -235,4 +216,3 @@ def serve_model(settings: Settings, model_uri: str, name: str, *, port: int | No
                     proc.wait()
             shutil.rmtree(workdir, ignore_errors=True)
             owner.unlink(missing_ok=True)
-

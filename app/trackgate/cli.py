@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
-import getpass
+import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from . import client, database, nginx_config, stack, tls
+from . import client, database, nginx, provision, tls
+from .local import stack
 from .settings import ENV_PREFIX, Settings, load_settings
-from .users import HtpasswdStore, UserError, validate_password
+from .users import HtpasswdStore, UserError, read_password, validate_username
 
 F = Callable[..., Any]
 
@@ -27,8 +29,11 @@ def _fail(message: str, code: int = 1) -> None:
 def _default_text(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
-        return {"data_dir": "~/.local/share/trackgate", "bcrypt_concurrency": "CPU count - 1",
-                "extra_hostnames": "none"}[name]
+        return {
+            "data_dir": "~/.local/share/trackgate",
+            "bcrypt_concurrency": "CPU count - 1",
+            "extra_hostnames": "none",
+        }[name]
     return "derived" if field.default is None else str(field.default)
 
 
@@ -39,12 +44,18 @@ def setting_options(*names: str) -> Callable[[F], F]:
         for name in reversed(names):
             field = Settings.model_fields[name]
             annotation = field.annotation
-            kind: Any = int if annotation is int else (
-                click.Path(path_type=Path) if "Path" in str(annotation) else str)
+            kind: Any = (
+                int
+                if annotation is int
+                else (click.Path(path_type=Path) if "Path" in str(annotation) else str)
+            )
             func = click.option(
-                "--" + name.replace("_", "-"), name, type=kind, default=None,
+                "--" + name.replace("_", "-"),
+                name,
+                type=kind,
+                default=None,
                 help=f"{field.description} [env {ENV_PREFIX}{name.upper()}; "
-                     f"default {_default_text(name)}]",
+                f"default {_default_text(name)}]",
             )(func)
         return func
 
@@ -72,8 +83,14 @@ def _guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (UserError, stack.StackError, tls.TLSError, client.ClientError,
-                database.DatabaseError) as exc:
+        except (
+            UserError,
+            stack.StackError,
+            tls.TLSError,
+            client.ClientError,
+            database.DatabaseError,
+            nginx.NginxError,
+        ) as exc:
             _fail(str(exc))
         except PermissionError as exc:
             _fail(f"permission denied: {exc.filename} (run as the user that owns it, or root)")
@@ -89,6 +106,7 @@ def cli() -> None:
 
 # --- the stack on this machine -------------------------------------------------------------
 
+
 @cli.command()
 @setting_options(*STACK_OPTIONS)
 @_guard
@@ -103,10 +121,10 @@ def up(**values: Any) -> None:
         return
     click.echo(f"trackgate is running at {result.url}")
     if result.admin_password:
-        click.echo(f"\nCreated user '{stack.ADMIN}' with password: {result.admin_password}")
+        click.echo(f"\nCreated user '{provision.ADMIN}' with password: {result.admin_password}")
         click.echo("It is shown only this once (only its bcrypt hash is stored).")
     click.echo("\nBefore running a training script:")
-    for line in stack.export_lines(settings, stack.ADMIN, result.admin_password):
+    for line in stack.export_lines(settings, provision.ADMIN, result.admin_password):
         click.echo(f"  {line}")
     if settings.uses_local_ca:
         click.echo(f"\nBrowsers: trust {settings.ca_cert} (or accept the warning) and log in.")
@@ -142,6 +160,7 @@ def status(**values: Any) -> None:
 
 # --- users ----------------------------------------------------------------------------------
 
+
 @cli.group()
 def users() -> None:
     """Manage the users in the htpasswd file (changes apply on the next request, no restart)."""
@@ -152,23 +171,10 @@ def _store(values: dict[str, Any]) -> HtpasswdStore:
     return HtpasswdStore(settings.htpasswd, settings.bcrypt_rounds)
 
 
-def _read_password(password_stdin: bool) -> str:
-    if password_stdin:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        return validate_password(password.removesuffix("\r"))
-    if not sys.stdin.isatty():
-        raise UserError("no terminal to ask for a password: pipe it in with --password-stdin")
-    first = getpass.getpass("Password: ")
-    validate_password(first)
-    if getpass.getpass("Repeat password: ") != first:
-        raise UserError("the passwords do not match")
-    return first
-
-
 USER_OPTIONS = ("data_dir", "htpasswd_path", "bcrypt_rounds")
 password_stdin_option = click.option(
-    "--password-stdin", is_flag=True, help="Read the password from one line of standard input.")
+    "--password-stdin", is_flag=True, help="Read the password from one line of standard input."
+)
 
 
 @users.command("add")
@@ -179,10 +185,8 @@ password_stdin_option = click.option(
 def users_add(name: str, password_stdin: bool, **values: Any) -> None:
     """Add user NAME (password from a double prompt or --password-stdin)."""
     store = _store(values)
-    from .users import validate_username
-
     validate_username(name)
-    store.add(name, _read_password(password_stdin))
+    store.add(name, read_password(from_stdin=password_stdin, new=True))
     click.echo(f"added {name}")
 
 
@@ -196,7 +200,7 @@ def users_passwd(name: str, password_stdin: bool, **values: Any) -> None:
     store = _store(values)
     if name not in store.read():
         raise UserError(f"no user {name!r}; use `trackgate users add {name}`")
-    store.set_password(name, _read_password(password_stdin))
+    store.set_password(name, read_password(from_stdin=password_stdin, new=True))
     click.echo(f"changed password of {name}")
 
 
@@ -208,7 +212,7 @@ def users_passwd(name: str, password_stdin: bool, **values: Any) -> None:
 def users_set(name: str, password_stdin: bool, **values: Any) -> None:
     """Create NAME or set its password; prints 'unchanged' if it already had that password."""
     store = _store(values)
-    changed = store.ensure(name, _read_password(password_stdin))
+    changed = store.ensure(name, read_password(from_stdin=password_stdin, new=True))
     click.echo(f"changed: {name}" if changed else f"unchanged: {name}")
 
 
@@ -239,35 +243,39 @@ def users_list(**values: Any) -> None:
 def users_verify(name: str, password_stdin: bool, **values: Any) -> None:
     """Check NAME's password against the file (exit 0 if right, 1 if not)."""
     store = _store(values)
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("Password: ")
-    if not store.verify(name, password):
+    if not store.verify(name, read_password(from_stdin=password_stdin, new=False)):
         _fail(f"wrong password or no user {name!r}")
     click.echo("ok")
 
 
 # --- client side ----------------------------------------------------------------------------
 
+
 @cli.command()
 @click.argument("url")
 @click.option("--username", "-u", prompt=True, help="Your trackgate user name.")
 @password_stdin_option
-@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The server's CA certificate, if it uses trackgate's local CA.")
-@click.option("--env-file", type=click.Path(path_type=Path), default=client.USER_ENV_FILE,
-              show_default=True, help="Where to save the credentials (mode 0600).")
+@click.option(
+    "--ca-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The server's CA certificate, if it uses trackgate's local CA.",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(path_type=Path),
+    default=client.USER_ENV_FILE,
+    show_default=True,
+    help="Where to save the credentials (mode 0600).",
+)
 @_guard
-def login(url: str, username: str, password_stdin: bool, ca_cert: Path | None,
-          env_file: Path) -> None:
+def login(
+    url: str, username: str, password_stdin: bool, ca_cert: Path | None, env_file: Path
+) -> None:
     """Check credentials against the server at URL and save them for training scripts."""
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("Password: ")
-    config = client.TrackingConfig(url.rstrip("/"), username, password,
-                                   str(ca_cert) if ca_cert else None)
+    password = read_password(from_stdin=password_stdin, new=False)
+    config = client.TrackingConfig(
+        url.rstrip("/"), username, password, str(ca_cert) if ca_cert else None
+    )
     result = client.check(config)
     if not result.ok:
         _fail(result.message)
@@ -276,8 +284,13 @@ def login(url: str, username: str, password_stdin: bool, ca_cert: Path | None,
 
 
 @cli.command("check")
-@click.option("--env-file", type=click.Path(path_type=Path), default=Path(".env"),
-              show_default=True, help="A .env file to read after the environment.")
+@click.option(
+    "--env-file",
+    type=click.Path(path_type=Path),
+    default=Path(".env"),
+    show_default=True,
+    help="A .env file to read after the environment.",
+)
 @_guard
 def check_cmd(env_file: Path) -> None:
     """Report which server and user the current environment would use, and whether it works."""
@@ -295,31 +308,36 @@ def check_cmd(env_file: Path) -> None:
 
 # --- building blocks for systemd units, containers and Ansible --------------------------------
 
+
 @cli.command("serve")
 @click.argument("server", type=click.Choice(["tracking", "gateway"]))
 @setting_options(*STACK_OPTIONS)
 @_guard
 def serve_cmd(server: str, **values: Any) -> None:
     """Run one server in the foreground (used by systemd units and containers)."""
-    from . import serve
+    from .server import gateway, tracking
 
     settings = _settings(values)
-    (serve.run_tracking if server == "tracking" else serve.run_gateway)(settings)
+    (tracking.run if server == "tracking" else gateway.run)(settings)
 
 
 @cli.command("serve-model")
 @click.argument("model_uri")
-@click.option("--name", required=True,
-              help="Publish at /serving/NAME/invocations (letters, digits, '.', '_', '-').")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Scoring server worker processes.")
+@click.option(
+    "--name",
+    required=True,
+    help="Publish at /serving/NAME/invocations (letters, digits, '.', '_', '-').",
+)
+@click.option(
+    "--workers", type=int, default=1, show_default=True, help="Scoring server worker processes."
+)
 @setting_options("data_dir", "serve_model_port")
 @_guard
 def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> None:
     """Serve MODEL_URI (e.g. models:/NAME@champion) with the MLflow scoring server on loopback and
     publish it through nginx behind the same login, until Ctrl-C. The model is downloaded
     through the proxy with the exported MLFLOW_TRACKING_* credentials."""
-    from . import serving
+    from .local import serving
 
     own = _settings(values)
     # A port from --serve-model-port or TRACKGATE_SERVE_MODEL_PORT must be free; otherwise
@@ -330,8 +348,9 @@ def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> N
     def ready(published: serving.Published) -> None:
         click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
 
-    code = serving.serve_model(settings, model_uri, name, workers=workers,
-                               port=port, on_ready=ready)
+    code = serving.serve_model(
+        settings, model_uri, name, workers=workers, port=port, on_ready=ready
+    )
     click.echo(f"stopped serving {name}; /serving/{name}/ is unpublished")
     sys.exit(code)
 
@@ -340,32 +359,58 @@ def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> N
 @_guard
 def supervise_cmd() -> None:
     """Run the local supervisor (started by `trackgate up`)."""
-    from .supervisor import supervise
+    from .local.supervisor import supervise
 
-    settings = _settings({})
-    sys.exit(supervise(settings, stack.find_nginx(settings)))
+    sys.exit(supervise(_settings({})))
 
 
 @cli.command("prepare")
 @setting_options(*STACK_OPTIONS)
-@click.option("--site-only", "site_path", type=click.Path(path_type=Path), default=None,
-              help="Only render the nginx site (http context) to this file.")
-@click.option("--check", is_flag=True, help="Change nothing; exit 0 if up to date, 3 if not.")
 @_guard
-def prepare_cmd(site_path: Path | None, check: bool, **values: Any) -> None:
-    """Create directories, certificates, the admin user and nginx config without starting
-    anything (first start of containers; Ansible renders a site with --site-only)."""
+def prepare_cmd(**values: Any) -> None:
+    """Create directories, certificates, the admin user and nginx.conf without starting
+    anything (compose's init service; `trackgate up` does this first)."""
     settings = _settings(values)
-    if site_path is not None:
-        changed = nginx_config.write_if_changed(
-            site_path, nginx_config.render(settings, standalone=False), check=check)
-        click.echo(f"{'changed' if changed else 'unchanged'}: {site_path}")
-        sys.exit(3 if check and changed else 0)
-    password = stack.prepare(settings)
+    password = provision.prepare(settings)
     if password:
-        click.echo(f"Created user '{stack.ADMIN}' with password: {password}")
+        click.echo(f"Created user '{provision.ADMIN}' with password: {password}")
         click.echo("It is shown only this once (only its bcrypt hash is stored).")
     click.echo(f"prepared {settings.data_dir}")
+
+
+@cli.command("nginx-site")
+@click.argument("path", type=click.Path(path_type=Path))
+@setting_options(*STACK_OPTIONS)
+@click.option("--check", is_flag=True, help="Change nothing; exit 0 if up to date, 3 if not.")
+@_guard
+def nginx_site_cmd(path: Path, check: bool, **values: Any) -> None:
+    """Render only the nginx site (http context) to PATH, for a host whose own nginx.conf
+    includes it (Ansible); prints 'changed' or 'unchanged'."""
+    settings = _settings(values)
+    changed = nginx.write_if_changed(path, nginx.render(settings, standalone=False), check=check)
+    click.echo(f"{'changed' if changed else 'unchanged'}: {path}")
+    sys.exit(3 if check and changed else 0)
+
+
+@cli.command("config")
+@setting_options(*STACK_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for tools.")
+@_guard
+def config_cmd(as_json: bool, **values: Any) -> None:
+    """Print the derived paths, ports and URLs of these settings (tools read them from here
+    instead of deriving them again)."""
+    layout = _settings(values).layout()
+    if as_json:
+        click.echo(json.dumps(layout, indent=2, sort_keys=True))
+        return
+    click.echo(f"public URL:  {layout['public_url']}")
+    click.echo(f"database:    {layout['database_uri']}")
+    click.echo(f"artifacts:   {layout['artifacts_uri']}")
+    for name, port in layout["ports"].items():
+        click.echo(f"port {name + ':':12} {port}")
+    for name, path in layout["paths"].items():
+        if path is not None:
+            click.echo(f"{name + ':':20} {path}")
 
 
 @cli.command("tls")
@@ -391,6 +436,25 @@ def db_upgrade(**values: Any) -> None:
     """Create or upgrade the schema to this MLflow version (sqlite is backed up first)."""
     outcome = database.ensure_schema(_settings(values), allow_upgrade=True)
     click.echo(f"database schema {outcome}")
+
+
+@db.command("backup")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write it; default data_dir/backups/mlflow-backup-TIME.db|.pgdump.",
+)
+@setting_options("data_dir", "backend_store_uri")
+@_guard
+def db_backup(output: Path | None, **values: Any) -> None:
+    """Copy the database consistently while clients keep writing (sqlite online backup API, or
+    pg_dump for PostgreSQL); mode 0600. Prints the file written."""
+    started = time.monotonic()
+    path = database.backup(_settings(values), output)
+    size = path.stat().st_size
+    click.echo(f"{path}  ({size / 1e6:.1f} MB in {time.monotonic() - started:.1f} s)")
 
 
 def main() -> None:

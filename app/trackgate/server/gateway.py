@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .credential_cache import CredentialCache
-from .settings import Settings
+from ..settings import Settings
+from ..users import hash_password, parse, verify_hash
+from .credentials import CredentialCache
 from .throttle import FailureThrottle
-from .users import hash_password, parse, verify_hash
 
 USER_HEADER = "X-Trackgate-User"
 REALM = "trackgate"
@@ -91,15 +91,22 @@ class Gateway:
         # bcrypt runs on its own few threads at the lowest CPU priority: a flood of guesses gets
         # only the CPU that nginx, MLflow and cached answers leave over (bench/: legit throughput
         # under a spread flood 40 % -> 87 % of unflooded on 2 cores).
-        self._bcrypt_pool = ThreadPoolExecutor(settings.bcrypt_concurrency, "bcrypt",
-                                               initializer=_lowest_cpu_priority)
+        self._bcrypt_pool = ThreadPoolExecutor(
+            settings.bcrypt_concurrency, "bcrypt", initializer=_lowest_cpu_priority
+        )
         # Leave threads free for cached credentials: past this many waiting checks, shed load.
         self._max_waiting = max(1, settings.gateway_threads // 2)
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         # Counters for operators (GET /stats on the loopback port; nginx never exposes it).
-        self.stats = {"cache_hits": 0, "bcrypt_checks": 0, "allowed": 0, "refused": 0,
-                      "throttled": 0, "shed": 0}
+        self.stats = {
+            "cache_hits": 0,
+            "bcrypt_checks": 0,
+            "allowed": 0,
+            "refused": 0,
+            "throttled": 0,
+            "shed": 0,
+        }
         self._stats_lock = threading.Lock()
         # Unknown users are checked against this, so they cost the same time as known ones.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16), settings.bcrypt_rounds)
@@ -154,7 +161,8 @@ class Gateway:
         try:
             self._count("bcrypt_checks")
             ok = self._bcrypt_pool.submit(
-                verify_hash, password, current_hash or self._decoy_hash).result()
+                verify_hash, password, current_hash or self._decoy_hash
+            ).result()
         finally:
             with self._waiting_lock:
                 self._waiting -= 1
@@ -193,5 +201,14 @@ def _throttled(start_response: StartResponse, seconds: int) -> list[bytes]:
 
 
 def create_app(settings: Settings | None = None) -> Gateway:
-    """App factory for gunicorn (`app.gateway:create_app()`) and for tests."""
+    """App factory for gunicorn (`trackgate.server.gateway:create_app()`) and for tests."""
     return Gateway(settings or Settings())
+
+
+def run(settings: Settings) -> None:
+    """`trackgate serve gateway`: the gateway under gunicorn, in the foreground."""
+    from .gunicorn import GunicornApp, gateway_options
+
+    if settings.logs is not None:
+        settings.logs.mkdir(parents=True, exist_ok=True)
+    GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()

@@ -1,0 +1,1 @@
+"""One machine without systemd or Docker: `trackgate up|down|status` and `serve-model`."""

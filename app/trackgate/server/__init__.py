@@ -1,0 +1,1 @@
+"""What runs behind nginx: the auth gateway and the MLflow tracking server (gunicorn)."""
