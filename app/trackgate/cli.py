@@ -413,6 +413,22 @@ def config_cmd(as_json: bool, **values: Any) -> None:
             click.echo(f"{name + ':':20} {path}")
 
 
+@cli.command("probe")
+@click.argument("component", type=click.Choice(["tracking", "gateway"]))
+@click.option("--timeout", type=float, default=4.0, show_default=True, help="Seconds to wait.")
+@setting_options(*STACK_OPTIONS)
+@_guard
+def probe_cmd(component: str, timeout: float, **values: Any) -> None:
+    """Health check of one server at the address the settings give it (container
+    healthchecks, systemd): exit 0 if it answers 200, else 1 with the reason."""
+    from .local.probe import health
+
+    problem = health(_settings(values), component, timeout=timeout)
+    if problem:
+        _fail(f"{component}: {problem}")
+    click.echo(f"{component}: ok")
+
+
 @cli.command("tls")
 @setting_options("data_dir", "hostname")
 @_guard

@@ -1,6 +1,6 @@
-"""Small HTTPS probe that connects to one address while naming another host (SNI + Host).
-
-`trackgate up` uses it to wait for the stack through nginx before the host name resolves.
+"""Health probes: an HTTPS probe that connects to one address while naming another host (SNI +
+Host), so `trackgate up` can wait for the stack through nginx before the host name resolves; and
+`health()`, the check of one internal server that `trackgate probe` and container healthchecks use.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..settings import Settings
 
 
 @dataclass
@@ -56,3 +58,19 @@ def https_get(
         return Answer(response.status, dict(response.getheaders()), response.read())
     finally:
         conn.close()
+
+
+def health(settings: Settings, component: str, *, timeout: float = 4.0) -> str | None:
+    """None if the component's health endpoint answers 200, else what went wrong."""
+    url = settings.layout()["health_urls"][component]
+    address, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("GET", "/" + path)
+        status = conn.getresponse().status
+    except OSError as exc:
+        return f"no answer from {url}: {exc}"
+    finally:
+        conn.close()
+    return None if status == 200 else f"{url} answered {status}"
