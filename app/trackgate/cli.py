@@ -13,7 +13,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from . import client, database, nginx, provision, tls
+from . import accounts, client, database, nginx, provision, tls
 from .local import stack
 from .settings import ENV_PREFIX, Settings, load_settings
 from .users import HtpasswdStore, UserError, read_password, validate_username
@@ -90,6 +90,7 @@ def _guard(func: F) -> F:
             client.ClientError,
             database.DatabaseError,
             nginx.NginxError,
+            accounts.AccountError,
         ) as exc:
             _fail(str(exc))
         except PermissionError as exc:

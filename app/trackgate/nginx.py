@@ -93,7 +93,7 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
             ctx.error_log = str(logs / "nginx-error.log")
             ctx.access_log = str(logs / "nginx-access.log")
         if os.geteuid() == 0:
-            ctx.user = settings.nginx_user or "www-data"
+            ctx.user = settings.nginx_user or settings.service_user
     return ctx
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -48,13 +48,26 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, description="Plain-HTTP port: only redirects to HTTPS.")
     https_port: int = Field(default=8443, description="HTTPS port clients and browsers use.")
     tracking_port: int = Field(
-        default=5000, description="Loopback port of the MLflow tracking server (gunicorn)."
+        default=5000, description="TCP port of the MLflow tracking server (internal_transport=tcp)."
     )
-    gateway_port: int = Field(default=5001, description="Loopback port of the auth gateway.")
+    gateway_port: int = Field(
+        default=5001, description="TCP port of the auth gateway (internal_transport=tcp)."
+    )
+    internal_transport: Literal["unix", "tcp"] = Field(
+        default="unix",
+        description=(
+            "How nginx reaches the tracking server and gateway: 'unix' sockets in socket_dir "
+            "(only nginx and the service account can connect), or 'tcp' on internal_host "
+            "(containers, several hosts)."
+        ),
+    )
+    socket_dir: Path | None = Field(
+        default=None, description="Where the Unix sockets live; default data_dir/run/sockets."
+    )
     internal_host: str = Field(
         default="127.0.0.1",
         description=(
-            "Address the tracking server and gateway bind to (loopback outside containers)."
+            "Address the tracking server and gateway bind to with internal_transport=tcp."
         ),
     )
     tracking_upstream: str | None = Field(
@@ -115,9 +128,23 @@ class Settings(BaseSettings):
     nginx_binary: str = Field(
         default="nginx", description="nginx executable (PATH, then /usr/sbin)."
     )
+    service_user: str = Field(
+        default="trackgate",
+        description=(
+            "Unprivileged account the servers and nginx workers run as when `trackgate up` is "
+            "started by root (created if missing); it owns the data dir."
+        ),
+    )
+    model_user: str = Field(
+        default="nobody",
+        description=(
+            "Account a model runs as under `trackgate serve-model` started by root: models "
+            "are code, so they get no access to the data dir or the caller's secrets."
+        ),
+    )
     nginx_user: str | None = Field(
         default=None,
-        description="User nginx workers run as when started as root (default www-data).",
+        description="User nginx workers run as when started as root (default service_user).",
     )
     nginx_run_dir: Path | None = Field(
         default=None,
@@ -234,12 +261,25 @@ class Settings(BaseSettings):
         return self.log_dir or self.data_dir / "logs"
 
     @property
+    def sockets(self) -> Path:
+        return self.socket_dir or self.run_dir / "sockets"
+
+    def bind_address(self, server: str) -> str:
+        """Where a server ('tracking' or 'gateway') listens: `unix:/path` or `host:port`."""
+        if self.internal_transport == "unix":
+            return f"unix:{self.sockets / f'{server}.sock'}"
+        port = self.tracking_port if server == "tracking" else self.gateway_port
+        host = f"[{self.internal_host}]" if ":" in self.internal_host else self.internal_host
+        return f"{host}:{port}"
+
+    @property
     def tracking_address(self) -> str:
-        return self.tracking_upstream or f"{self.internal_host}:{self.tracking_port}"
+        """What nginx proxies to (nginx's notation: `unix:/path` or `host:port`)."""
+        return self.tracking_upstream or self.bind_address("tracking")
 
     @property
     def gateway_address(self) -> str:
-        return self.gateway_upstream or f"{self.internal_host}:{self.gateway_port}"
+        return self.gateway_upstream or self.bind_address("gateway")
 
     @property
     def public_url(self) -> str:
@@ -258,6 +298,7 @@ class Settings(BaseSettings):
             "cert_file": self.cert_file,
             "key_file": self.key_file,
             "run_dir": self.run_dir,
+            "socket_dir": self.sockets if self.internal_transport == "unix" else None,
             "nginx_conf": self.nginx_conf,
             "nginx_runtime_dir": self.nginx_runtime_dir,
             "serving_dir": self.serving_dir,
@@ -277,9 +318,12 @@ class Settings(BaseSettings):
             },
             "tracking_address": self.tracking_address,
             "gateway_address": self.gateway_address,
+            # nginx's notation for sockets: http://unix:/path/tracking.sock:/health
             "health_urls": {
-                "tracking": f"http://{self.tracking_address}/health",
-                "gateway": f"http://{self.gateway_address}/healthz",
+                "tracking": f"http://{self.tracking_address}{':' if self._unix('tracking') else ''}"
+                "/health",
+                "gateway": f"http://{self.gateway_address}{':' if self._unix('gateway') else ''}"
+                "/healthz",
                 "public": f"{self.public_url}/health",
             },
             "database_uri": _redact(self.database_uri),
@@ -290,6 +334,10 @@ class Settings(BaseSettings):
                 k: v for k, v in self.to_env().items() if k != ENV_PREFIX + "BACKEND_STORE_URI"
             },
         }
+
+    def _unix(self, server: str) -> bool:
+        address = self.tracking_address if server == "tracking" else self.gateway_address
+        return address.startswith("unix:")
 
     def to_env(self) -> dict[str, str]:
         """The settings as TRACKGATE_* variables, to hand to a child process unchanged."""

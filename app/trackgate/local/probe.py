@@ -60,17 +60,37 @@ def https_get(
         conn.close()
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (the internal servers' default transport)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def internal_connection(address: str, timeout: float) -> http.client.HTTPConnection:
+    """A connection to an internal server at nginx-style `unix:/path` or `host:port`."""
+    if address.startswith("unix:"):
+        return _UnixHTTPConnection(address.removeprefix("unix:"), timeout)
+    host, _, port = address.rpartition(":")
+    return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+
+
 def health(settings: Settings, component: str, *, timeout: float = 4.0) -> str | None:
     """None if the component's health endpoint answers 200, else what went wrong."""
-    url = settings.layout()["health_urls"][component]
-    address, _, path = url.removeprefix("http://").partition("/")
-    host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    address = settings.tracking_address if component == "tracking" else settings.gateway_address
+    path = "/health" if component == "tracking" else "/healthz"
+    conn = internal_connection(address, timeout)
     try:
-        conn.request("GET", "/" + path)
+        conn.request("GET", path)
         status = conn.getresponse().status
     except OSError as exc:
-        return f"no answer from {url}: {exc}"
+        return f"no answer from {address}{path}: {exc}"
     finally:
         conn.close()
-    return None if status == 200 else f"{url} answered {status}"
+    return None if status == 200 else f"{address}{path} answered {status}"

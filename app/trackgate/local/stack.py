@@ -66,23 +66,28 @@ def running_pid(settings: Settings) -> int | None:
 
 def _check_ports(settings: Settings) -> None:
     public = "0.0.0.0" if settings.listen_address in ("", "*") else settings.listen_address
+    # (host, port, how to change it): `up` has flags only for the public ports.
     checks = [
-        (public, settings.https_port, "--https-port", "HTTPS_PORT"),
-        (public, settings.http_port, "--http-port", "HTTP_PORT"),
-        (settings.internal_host, settings.tracking_port, "--tracking-port", "TRACKING_PORT"),
-        (settings.internal_host, settings.gateway_port, "--gateway-port", "GATEWAY_PORT"),
+        (public, settings.https_port, "--https-port or TRACKGATE_HTTPS_PORT"),
+        (public, settings.http_port, "--http-port or TRACKGATE_HTTP_PORT"),
     ]
-    for host, port, flag, var in checks:
+    if settings.internal_transport == "tcp":
+        checks += [
+            (settings.internal_host, settings.tracking_port, "TRACKGATE_TRACKING_PORT"),
+            (settings.internal_host, settings.gateway_port, "TRACKGATE_GATEWAY_PORT"),
+        ]
+    seen: dict[tuple[str, int], str] = {}
+    for host, port, how in checks:
+        if (host, port) in seen:
+            raise StackError(f"port {port} is given twice ({seen[host, port]} and {how}): "
+                             "every server needs its own port")
+        seen[host, port] = how
         if port < 1024 and os.geteuid() != 0:
-            raise StackError(
-                f"port {port} needs root; run as root or pick a port above 1023 "
-                f"({flag} or TRACKGATE_{var})"
-            )
+            raise StackError(f"port {port} needs root; run as root or pick a port above 1023 "
+                             f"({how})")
         if port_in_use(host, port):
-            raise StackError(
-                f"port {port} on {host} is already in use by another program: stop it, or choose "
-                f"another port with {flag} or TRACKGATE_{var}"
-            )
+            raise StackError(f"port {port} on {host} is already in use by another program: stop "
+                             f"it, or choose another port with {how}")
 
 
 def up(settings: Settings) -> UpResult:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .. import nginx
+from .. import accounts, nginx
+from ..accounts import Account
 from ..settings import Settings
 
 STOP_TIMEOUT = 20.0
@@ -26,6 +27,9 @@ class Child:
     name: str
     argv: list[str]
     log: Path | None
+    # Started as root: the account to run as (nginx instead drops privileges itself, after its
+    # master has bound the ports and read the key).
+    account: Account | None = None
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -35,7 +39,9 @@ class Child:
         if self._log_file is None and self.log is not None:
             self._log_file = open(self.log, "ab")  # noqa: SIM115 - kept open for restarts
         out = self._log_file if self._log_file is not None else None
-        self.proc = subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        extra = self.account.popen_kwargs() if self.account is not None else {}
+        self.proc = subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     **extra)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -48,9 +54,12 @@ def children(settings: Settings, nginx_binary: str) -> list[Child]:
     def log(name: str) -> Path | None:
         return logs / f"{name}.out" if logs else None
 
+    account = accounts.lookup(settings.service_user) if accounts.running_as_root() else None
+    if accounts.running_as_root() and account is None:
+        raise accounts.AccountError(f"no account {settings.service_user!r}: run `trackgate up`")
     return [
-        Child("tracking", [*python, "serve", "tracking"], log("tracking")),
-        Child("gateway", [*python, "serve", "gateway"], log("gateway")),
+        Child("tracking", [*python, "serve", "tracking"], log("tracking"), account),
+        Child("gateway", [*python, "serve", "gateway"], log("gateway"), account),
         Child("nginx", nginx.foreground_argv(settings, nginx_binary), log("nginx")),
     ]
 
@@ -62,6 +71,8 @@ def state_file(settings: Settings) -> Path:
 def supervise(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     env = {**os.environ, **settings.to_env()}
+    if accounts.running_as_root():  # the servers' HOME: their own data dir, never root's
+        env["HOME"] = str(settings.data_dir)
     procs = children(settings, nginx.find_binary(settings))
     stopping = False
 

@@ -30,7 +30,7 @@ def tracking_options(settings: Settings) -> dict[str, Any]:
     """MLflow's Flask app. Threads keep the worker heartbeat alive during multi-GB uploads,
     which a sync worker would be killed for after `timeout` seconds."""
     return {
-        "bind": [settings_bind(settings.internal_host, settings.tracking_port)],
+        "bind": [settings.bind_address("tracking")],
         "workers": settings.workers,
         "worker_class": "gthread",
         "threads": settings.threads,
@@ -52,7 +52,7 @@ def gateway_options(settings: Settings) -> dict[str, Any]:
     """One process, many threads: bcrypt releases the GIL, and one process means one
     credential cache and one failure counter that every request sees."""
     return {
-        "bind": [settings_bind(settings.internal_host, settings.gateway_port)],
+        "bind": [settings.bind_address("gateway")],
         "workers": 1,
         "worker_class": "gthread",
         "threads": settings.gateway_threads,
@@ -62,10 +62,6 @@ def gateway_options(settings: Settings) -> dict[str, Any]:
         "control_socket_disable": True,
         "errorlog": _error_log(settings, "gateway"),
     }
-
-
-def settings_bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _error_log(settings: Settings, name: str) -> str:
