@@ -34,9 +34,13 @@ def mlflow_environment(settings: Settings) -> dict[str, str]:
 
 
 def _load_mlflow() -> Any:
+    """MLflow's Flask app behind trackgate's policy layer (see policy.py)."""
     from mlflow.server import app
 
-    return app
+    from .policy import Policy
+
+    root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", "mlflow-artifacts:/")
+    return Policy(app, artifact_root=root)
 
 
 def run(settings: Settings) -> None:
