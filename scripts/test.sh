@@ -21,8 +21,8 @@ VENV="$VENV" bash scripts/install.sh --test
 needs_docker=false
 for tier in "${tiers[@]}"; do [[ "$tier" != fast ]] && needs_docker=true; done
 if $needs_docker; then
-  say "making Docker ready (engine, compose plugin, local base images)"
-  TRACKGATE_PYTHON="$VENV/bin/python" bash scripts/docker-ready.sh
+  say "making Docker ready (engine, compose plugin, local base images; minutes the first time)"
+  TRACKGATE_PYTHON="$VENV/bin/python" bash tests/infra/docker-ready.sh
 fi
 
 declare -A marker=(

@@ -25,6 +25,7 @@ from typing import Any
 import requests
 import yaml
 
+from tests.infra.ready import ensure_docker
 from tests.infra.systemd_host import systemd_host
 from tests.support import free_port, session_from
 
@@ -33,11 +34,6 @@ ANSIBLE_DIR = REPO / "ansible"
 ARTIFACTS = ANSIBLE_DIR / "artifacts"  # git-ignored; keeps the wheelhouse between runs
 PLAYBOOK_TIMEOUT = 1500.0
 ALICE, BOB = "alice", "bob"
-
-
-def ensure_docker() -> None:
-    """Start dockerd and build the systemd host image if missing (idempotent, fast when ready)."""
-    subprocess.run(["bash", str(REPO / "scripts" / "docker-ready.sh")], check=True, timeout=1200)
 
 
 def snapshot_source(dest: Path) -> Path:

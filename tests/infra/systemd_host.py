@@ -1,9 +1,9 @@
 """Throwaway "fresh Debian 12 server" containers that boot systemd, for the Ansible/testinfra tiers.
 
-The image comes from ``scripts/docker-ready.sh`` (``trackgate/systemd-host:bookworm``: debootstrap
-minbase + systemd, dbus, python3, python3-apt, sudo, ca-certificates, iproute2, procps, with the
-host's apt mirror configured). ``--privileged`` does not work on our machines; systemd runs with
-``--cap-add SYS_ADMIN``, tmpfs ``/run`` and a read-only ``/sys/fs/cgroup`` instead.
+The image comes from ``tests/infra/docker-ready.sh`` (``trackgate/systemd-host:bookworm``:
+systemd-host.Dockerfile on the local base image, with systemd, dbus, python3, python3-apt, sudo,
+and the host's apt mirror configured). ``--privileged`` does not work on our machines; systemd
+runs with ``--cap-add SYS_ADMIN``, tmpfs ``/run`` and a read-only ``/sys/fs/cgroup`` instead.
 
 Networking: dockerd runs with ``--iptables=false``, so a container on the default bridge has no
 outbound network (``apt-get update`` inside it hangs). Pass ``network="host"`` when the target must
@@ -27,7 +27,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-DEFAULT_IMAGE = "trackgate/systemd-host:bookworm"
+from .ready import SYSTEMD_IMAGE
+
+DEFAULT_IMAGE = SYSTEMD_IMAGE
 BOOT_TIMEOUT = 120.0
 LABEL = "trackgate.test=systemd-host"
 
@@ -171,7 +173,7 @@ def systemd_host(
     if network == "host" and ports:
         raise ValueError("ports cannot be published with network='host'")
     if _docker("image", "inspect", image, check=False, timeout=20).returncode != 0:
-        raise SystemdHostError(f"image {image} missing: run scripts/docker-ready.sh")
+        raise SystemdHostError(f"image {image} missing: run tests/infra/docker-ready.sh")
 
     args: list[str] = ["run", "-d", "--name", name, "--label", LABEL, *SYSTEMD_RUN_ARGS]
     if network:
