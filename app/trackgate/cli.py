@@ -474,6 +474,74 @@ def db_backup(output: Path | None, **values: Any) -> None:
     click.echo(f"{path}  ({size / 1e6:.1f} MB in {time.monotonic() - started:.1f} s)")
 
 
+# --- backup and restore (see backup.py) -------------------------------------------------------
+
+BACKUP_OPTIONS = ("data_dir", "backend_store_uri", "artifacts_destination", "htpasswd_path")
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@cli.command("backup")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Archive to write; default data_dir/backups/trackgate-TIME.tar.",
+)
+@click.option(
+    "--verify",
+    "verify_archive",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="ARCHIVE",
+    help="Instead of backing up: check ARCHIVE's checksums, restore it into a scratch dir, "
+    "serve it on free ports and compare it with its manifest and the live server.",
+)
+@setting_options(*BACKUP_OPTIONS)
+@_guard
+def backup_cmd(output: Path | None, verify_archive: Path | None, **values: Any) -> None:
+    """One archive of the database, artifacts, users, TLS files, secrets and settings, consistent
+    while clients keep writing (mode 0600), with a manifest of sha256 sums."""
+    from . import backup
+
+    settings = _settings(values)
+    try:
+        if verify_archive is not None:
+            if output is not None:
+                _fail("--output and --verify do not go together", code=2)
+            result = backup.verify(settings, verify_archive, say=_say)
+            for line in result.differences:
+                click.echo(f"  differs: {line}", err=True)
+            click.echo(result.summary())
+            sys.exit(0 if result.ok else 1)
+        click.echo(backup.backup(settings, output, say=_say).summary())
+    except backup.BackupError as exc:
+        _fail(str(exc))
+
+
+@cli.command("restore")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace what a non-empty data dir holds.")
+@setting_options(*BACKUP_OPTIONS)
+@_guard
+def restore_cmd(archive: Path, force: bool, **values: Any) -> None:
+    """Restore ARCHIVE into the (empty) data dir: every checksum is checked before anything is
+    written; then `trackgate up` serves it with the same users, CA and data."""
+    from . import backup
+
+    try:
+        result = backup.restore(_settings(values), archive, force=force, say=_say)
+    except backup.BackupError as exc:
+        _fail(str(exc))
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(result.summary())
+
+
 def main() -> None:
     cli(prog_name="trackgate")
 
