@@ -118,18 +118,20 @@ def test_repeated_failures_get_429_with_retry_after_and_spare_other_clients(
     )
 
 
-def test_failures_against_one_username_from_many_addresses_are_throttled(
+def test_failures_against_one_username_from_many_addresses_do_not_lock_it_out(
     stack: RunningStack,
 ) -> None:
+    # Locking a name would let anyone lock anybody out; the per-name ceiling is far higher and
+    # spares addresses without failures (tests/security/test_lockout.py).
     name, password = stack.new_user("targeted")
     limit = stack.settings.failure_limit
-    for _ in range(limit):
+    for _ in range(limit + 1):
         assert (
             stack.get("/version", auth=(name, "guess"), source_ip=fresh_source_ip()).status_code
             == 401
         )
     assert (
-        stack.get("/version", auth=(name, "guess"), source_ip=fresh_source_ip()).status_code == 429
+        stack.get("/version", auth=(name, password), source_ip=fresh_source_ip()).status_code == 200
     )
 
 

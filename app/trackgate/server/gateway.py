@@ -27,9 +27,10 @@ from urllib.parse import quote
 from ..settings import Settings
 from ..users import hash_password, parse, verify_hash
 from .credentials import CredentialCache
-from .throttle import FailureThrottle
+from .throttle import LoginThrottle
 
 USER_HEADER = "X-Trackgate-User"
+THROTTLED_HEADER = "X-Trackgate-Throttled"  # why a 403 (429 for the client), for its body
 REALM = "trackgate"
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -87,7 +88,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.users = HtpasswdWatcher(settings.htpasswd)
         self.cache = CredentialCache(settings.cache_size, settings.cache_ttl)
-        self.throttle = FailureThrottle(settings.failure_limit, settings.failure_window)
+        self.throttle = LoginThrottle(settings.failure_limit, settings.failure_window)
         # bcrypt runs on its own few threads at the lowest CPU priority: a flood of guesses gets
         # only the CPU that nginx, MLflow and cached answers leave over (bench/: legit throughput
         # under a spread flood 40 % -> 87 % of unflooded on 2 cores).
@@ -130,20 +131,20 @@ class Gateway:
             return _allow(start_response, username)
 
         client_ip = environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", "")
-        keys = (f"ip:{client_ip}", f"user:{username}")
-        wait = self.throttle.retry_after(*keys)
-        if wait:
+        refusal = self.throttle.check(client_ip, username)
+        if refusal is not None:
             self._count("throttled")
-            return _throttled(start_response, wait)
+            return _throttled(start_response, refusal.retry_after, refusal.reason)
         verdict = self._check(password, current_hash)
         if verdict is None:
             self._count("shed")
-            return _throttled(start_response, 1)
+            return _throttled(start_response, 1, "the server is busy checking passwords")
         if verdict and current_hash is not None:
             self.cache.add(username, password, current_hash)
+            self.throttle.record_success(client_ip, username)
             self._count("allowed")
             return _allow(start_response, username)
-        self.throttle.record_failure(*keys)
+        self.throttle.record_failure(client_ip, username)
         self._count("refused")
         return _challenge(start_response)
 
@@ -196,8 +197,10 @@ def _challenge(start_response: StartResponse) -> list[bytes]:
     return _answer(start_response, "401 Unauthorized", [header])
 
 
-def _throttled(start_response: StartResponse, seconds: int) -> list[bytes]:
-    return _answer(start_response, "403 Forbidden", [("Retry-After", str(seconds))])
+def _throttled(start_response: StartResponse, seconds: int, reason: str) -> list[bytes]:
+    # nginx puts the reason (plain ASCII, names percent-encoded) in its 429 body.
+    headers = [("Retry-After", str(seconds)), (THROTTLED_HEADER, reason)]
+    return _answer(start_response, "403 Forbidden", headers)
 
 
 def create_app(settings: Settings | None = None) -> Gateway:
