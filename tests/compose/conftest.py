@@ -6,29 +6,23 @@ imported into it) run against the containers, through nginx's published loopback
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness import ComposeProject, ComposeStack, docker, start, write_env_file
+from ..infra.ready import BASE_IMAGE, ensure_docker
+from .harness import ComposeProject, ComposeStack, start, write_env_file
 
 
 @pytest.fixture(scope="session")
 def compose_images(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Build the app, nginx and postgres images from this checkout (cached layers make a
-    rebuild after a code change take seconds)."""
-    if shutil.which("docker") is None:
-        pytest.fail("docker is not installed: run scripts/docker-ready.sh first")
-    try:
-        docker("info", timeout=30)
-        docker("image", "inspect", "debian:bookworm-slim")
-    except Exception as exc:  # noqa: BLE001 - any failure here means the same missing setup
-        pytest.fail(f"Docker is not ready ({exc}): run scripts/docker-ready.sh first")
+    """Build the app, nginx and postgres images from this checkout, FROM the local base image
+    (cached layers make a rebuild after a code change take seconds)."""
+    ensure_docker()
     env_file = tmp_path_factory.mktemp("compose-build") / "build.env"
-    write_env_file(env_file)
+    write_env_file(env_file, TRACKGATE_BASE_IMAGE=BASE_IMAGE)  # no registry: the local base
     project = ComposeProject("tgtest-build", ("compose.yaml", "compose.postgres.yaml"), env_file)
     started = time.monotonic()
     result = project.run("build", timeout=1800, check=False)

@@ -1,6 +1,7 @@
 """Drive the compose/ stack with the real `docker compose`, under a project name of its own.
 
-Every setting comes from an env file the test writes (`--env-file`), and the developer's shell
+Every setting comes from an env file the test writes: compose reads it (`--env-file`) and so do
+the containers (TRACKGATE_ENV_FILE names it to compose.yaml's `env_file`). The developer's shell
 and compose/.env cannot leak in: the variables of the child process are cleaned first.
 """
 
@@ -57,8 +58,10 @@ class ComposeProject:
         argv = ["docker", "compose", "--project-name", self.name, "--env-file", str(self.env_file)]
         for name in self.files:
             argv += ["-f", str(COMPOSE_DIR / name)]
+        # The env file is both compose's (interpolation) and the containers' (env_file).
+        env = {**docker_env(), "TRACKGATE_ENV_FILE": str(self.env_file)}
         result = subprocess.run([*argv, *args], input=input, capture_output=True, text=True,
-                                timeout=timeout, env=docker_env(), cwd=COMPOSE_DIR)
+                                timeout=timeout, env=env, cwd=COMPOSE_DIR)
         if check and result.returncode != 0:
             raise ComposeError(f"docker compose {' '.join(args)} exited {result.returncode}:\n"
                                f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
