@@ -114,14 +114,16 @@ class Deployment:
             "trackgate_hostname": "localhost",
             "trackgate_http_port": self.ports["http"],
             "trackgate_https_port": self.ports["https"],
-            "trackgate_tracking_port": self.ports["tracking"],
-            "trackgate_gateway_port": self.ports["gateway"],
             "trackgate_backend": self.backend,
             "trackgate_source_dir": str(self.source),
             "trackgate_wheelhouse": True,
             "trackgate_users": [{"name": n, "password": p} for n, p in self.passwords.items()],
-            # bcrypt cost 4 keeps the many logins of the tests cheap; the role's default is 12.
-            "trackgate_bcrypt_rounds": 4,
+            "trackgate_settings": {
+                "tracking_port": self.ports["tracking"],
+                "gateway_port": self.ports["gateway"],
+                # bcrypt cost 4 keeps the many logins of the tests cheap (trackgate's is 12).
+                "bcrypt_rounds": 4,
+            },
             **self.extra_vars,
         }
         if self.backend == "postgresql":

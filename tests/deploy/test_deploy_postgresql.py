@@ -65,7 +65,7 @@ def test_version_change_backs_up_and_upgrades_once(host: Deployment) -> None:
     h.check_output(f"echo 'trackgate 0.0.1 mlflow 3.0.0' > {STAMP}")
     upgrade = host.playbook().assert_ok()
     assert upgrade.changed_tasks == [
-        "Back up the PostgreSQL database before the upgrade.",
+        "Back up the database before the upgrade.",
         "Record the versions the database is now upgraded for.",
     ], upgrade.changed_tasks
     dumps = h.check_output("ls /var/lib/trackgate/backups").split()
