@@ -135,14 +135,6 @@ def test_failures_against_one_username_from_many_addresses_do_not_lock_it_out(
     )
 
 
-def test_mlflow_client_retries_429_but_not_401(stack: RunningStack) -> None:
-    # The reason the gateway's refusal becomes 429: MLflow's client backs off and retries it.
-    from mlflow.utils.request_utils import _TRANSIENT_FAILURE_RESPONSE_CODES
-
-    assert 429 in _TRANSIENT_FAILURE_RESPONSE_CODES
-    assert 401 not in _TRANSIENT_FAILURE_RESPONSE_CODES
-
-
 def test_client_supplied_identity_headers_never_reach_mlflow(stack: RunningStack) -> None:
     name, password = stack.new_user("honest")
     marker = secrets.token_hex(6)
