@@ -75,13 +75,21 @@ def test_logged_in_the_mlflow_ui_renders_and_shows_the_clients_experiment(
         page.on(
             "response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None
         )
+        # The Content-Security-Policy must leave the UI whole: Chromium reports every violation.
+        blocked: list[str] = []
+        page.on("console", lambda m: blocked.append(m.text)
+                if "Content Security Policy" in m.text else None)
         page.goto(stack.url + "/#/experiments", timeout=120_000)
         page.get_by_text(name).first.wait_for(timeout=120_000)
         # MLflow 3 opens experiments in its GenAI view; the runs table is the "Model training" one.
         page.goto(f"{stack.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
         page.get_by_text("first-run").first.wait_for(timeout=120_000)
         # MLflow itself 404s a few optional endpoints (assistant, users); nothing may be refused.
+        page.get_by_text("first-run").first.click()  # the run page: charts, params, metrics
+        page.wait_for_url("**/runs/**", timeout=120_000)
+        page.wait_for_timeout(3000)  # the UI polls, so there is no "network idle" to wait for
         assert not [f for f in failed if f.startswith(("401", "403", "429", "5"))], failed
+        assert not blocked, blocked
         if os.environ.get("UPDATE_SCREENSHOTS"):
             close = page.get_by_role("button", name="Close")
             if close.count():

@@ -49,7 +49,10 @@ class NginxContext:
     cert_file: str
     key_file: str
     max_upload: str
+    max_api_body: str
     proxy_timeout: int
+    trusted_proxies: list[str]
+    public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
     # Standalone main file only.
     user: str | None = None
@@ -82,7 +85,10 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         cert_file=str(settings.cert_file),
         key_file=str(settings.key_file),
         max_upload=settings.max_upload,
+        max_api_body=settings.max_api_body,
         proxy_timeout=settings.proxy_timeout,
+        trusted_proxies=settings.trusted_proxies,
+        public_origins=settings.public_origins,
         extra_includes=[f"{settings.serving_dir}/*.conf"],
     )
     if standalone:

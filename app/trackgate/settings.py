@@ -122,6 +122,20 @@ class Settings(BaseSettings):
         default="0",
         description="nginx client_max_body_size (0 = no limit, for multi-GB artifacts).",
     )
+    max_api_body: str = Field(
+        default="64m",
+        description=(
+            "nginx client_max_body_size of the JSON API (artifact transfers use max_upload): a "
+            "huge log-batch body cannot grow a tracking worker without bound."
+        ),
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Addresses/CIDRs of load balancers in front of nginx, comma-separated: only their "
+            "X-Forwarded-For names the real client (for throttles and logs)."
+        ),
+    )
     proxy_timeout: int = Field(
         default=900, ge=1, description="Seconds nginx waits on a slow upload or download."
     )
@@ -158,11 +172,21 @@ class Settings(BaseSettings):
         default=5100, description="Loopback port of a model served with `trackgate serve-model`."
     )
 
-    @field_validator("extra_hostnames", mode="before")
+    @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
         return value
 
     @field_validator("hostname")
@@ -183,6 +207,12 @@ class Settings(BaseSettings):
         return value
 
     # Derived values: one place computes every path and URL.
+    @property
+    def public_origins(self) -> list[str]:
+        """The browser origins of this server: writes from any other page are refused."""
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return [f"https://{f'[{n}]' if ':' in n else n}{port}" for n in self.server_names]
+
     @property
     def server_names(self) -> list[str]:
         names = [self.hostname, *self.extra_hostnames]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 from trackgate import client
+from trackgate.client import connection
+from trackgate.local.probe import internal_connection
 
 from ..support import RunningStack
 from .conftest import user_env
@@ -75,10 +77,18 @@ def test_host_spelled_differently_reaches_mlflow_not_its_403(stack: RunningStack
 def test_check_explains_mlflows_own_host_refusal(stack: RunningStack) -> None:
     # The one 403 MLflow itself gives: only reachable by skipping nginx (its Host guard answers
     # unknown names with 444 first), so ask the loopback tracking server directly.
-    answer = requests.get(f"http://{stack.settings.tracking_address}/api/2.0/mlflow/"
-                          "experiments/search", headers={"Host": "evil.example"}, timeout=30)
+    conn = internal_connection(stack.settings.tracking_address, timeout=30)
+    try:
+        conn.request("GET", "/api/2.0/mlflow/experiments/search",
+                     headers={"Host": "evil.example"})
+        raw = conn.getresponse()
+        answer = requests.Response()
+        answer.status_code, answer._content = raw.status, raw.read()
+        answer.headers.update(raw.getheaders())
+    finally:
+        conn.close()
     assert answer.status_code == 403
-    result = client._explain(403, answer, client.TrackingConfig(stack.url, "admin"))
+    result = connection._explain(403, answer, client.TrackingConfig(stack.url, "admin"))
     assert not result.ok
     assert "Host name is not allowed" in result.message
     assert "TRACKGATE_EXTRA_HOSTNAMES" in result.message
