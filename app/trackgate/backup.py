@@ -927,7 +927,9 @@ class VerifyResult:
         )
 
 
-def _scratch_settings(settings: Settings, root: Path, database_uri: str | None) -> Settings:
+def _scratch_settings(
+    settings: Settings, root: Path, sockets: Path, database_uri: str | None
+) -> Settings:
     """Every path and port explicit, so nothing of the live stack's environment leaks in."""
     data = root / "data"
     values: dict[str, Any] = {
@@ -938,7 +940,7 @@ def _scratch_settings(settings: Settings, root: Path, database_uri: str | None) 
         "listen_ipv6": False,
         "internal_host": "127.0.0.1",
         "internal_transport": "unix",
-        "socket_dir": data / "run" / "sockets",
+        "socket_dir": sockets,
         "http_port": any_free_port(),
         "https_port": any_free_port(),
         "tracking_port": any_free_port(),
@@ -1172,10 +1174,13 @@ def verify(
     live = stack.recorded_settings(settings) if stack.running_pid(settings) else None
     kind = manifest["database"]["kind"]
     root = Path(tempfile.mkdtemp(prefix="trackgate-verify-", dir=scratch_root))
-    os.chmod(root, 0o711)  # as root, the service account must pass through (x only)
+    # Unix socket paths are short (107 bytes): the scratch stack's sockets live in /tmp.
+    sockets = Path(tempfile.mkdtemp(prefix="trackgate-verify-"))
+    for path in (root, sockets):
+        os.chmod(path, 0o711)  # as root, the service account must pass through (x only)
     try:
         with _scratch_database(live or settings, kind) as scratch_uri:
-            scratch = _scratch_settings(settings, root, scratch_uri)
+            scratch = _scratch_settings(settings, root, sockets / "s", scratch_uri)
             say(f"verify: restoring into {root} ...")
             restore(scratch, archive, say=say, _checked=manifest)
             restored = content_summary(scratch.database_uri)
@@ -1204,6 +1209,7 @@ def verify(
                 checked.append("the live database")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(sockets, ignore_errors=True)
     return VerifyResult(
         archive, differences, checked, time.monotonic() - started, live is not None and compare_live
     )

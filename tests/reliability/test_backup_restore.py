@@ -1,0 +1,463 @@
+"""`trackgate backup`, `restore` and `backup --verify` against real stacks.
+
+One live stack per module, filled through the proxy with the real MLflow client. A backup taken
+while a client keeps logging is restored into a fresh dir and served; what the restored server
+answers is compared with the live one by content (experiments, runs, params, tags, every metric
+step, artifact bytes, registered models, versions and aliases), not by file existence.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from trackgate import backup
+from trackgate.cli import cli
+from trackgate.local import stack as stack_module
+
+from ..support import RunningStack, running_stack, stack_settings
+
+pytestmark = pytest.mark.reliability
+
+
+@contextmanager
+def mlflow_env(env: dict[str, str]) -> Iterator[None]:
+    """The MLflow client reads its URI, credentials and CA from the environment per request."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _populate(work: Path) -> dict[str, str]:
+    """Experiments, runs (params, tags, metric histories, artifacts), a deleted experiment and
+    run, a registered model with two versions, tags and an alias. Returns run ids by name."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.create_experiment("backup-a", tags={"team": "vision"})
+    gone = client.create_experiment("backup-gone")
+    ids = {}
+    for i in range(3):
+        run = client.create_run(exp, run_name=f"run-{i}", tags={"seed": str(i)})
+        rid = run.info.run_id
+        ids[f"run-{i}"] = rid
+        client.log_param(rid, "lr", str(0.1 * (i + 1)))
+        client.log_param(rid, "batch", "32")
+        for step in range(20):
+            client.log_metric(rid, "loss", 1.0 / (step + 1 + i), step=step)
+        for step in range(0, 10, 3):
+            client.log_metric(rid, "acc", 0.5 + step / 100, step=step)
+        client.set_terminated(rid)
+    blob = work / "weights.bin"
+    blob.write_bytes(os.urandom(3 * 1024 * 1024))  # incompressible, like most artifacts
+    (work / "notes").mkdir(exist_ok=True)
+    (work / "notes" / "readme.txt").write_text("trained on the full set\n" * 100)
+    client.log_artifact(ids["run-0"], str(blob), artifact_path="model")
+    client.log_artifacts(ids["run-0"], str(work / "notes"), artifact_path="notes")
+    deleted = client.create_run(exp, run_name="deleted")
+    client.log_param(deleted.info.run_id, "x", "1")
+    client.delete_run(deleted.info.run_id)
+    other = client.create_run(gone, run_name="in-deleted-exp")
+    client.log_metric(other.info.run_id, "m", 3.0)
+    client.delete_experiment(gone)
+    client.create_registered_model("bk-model", tags={"owner": "alice"}, description="two versions")
+    for _ in range(2):
+        client.create_model_version(
+            "bk-model", f"runs:/{ids['run-0']}/model", run_id=ids["run-0"], tags={"k": "v"}
+        )
+    client.set_registered_model_alias("bk-model", "champion", "2")
+    client.set_model_version_tag("bk-model", "1", "stage", "old")
+    return ids
+
+
+def _content(work: Path) -> dict[str, Any]:
+    """Everything a user can see, through the API of the server in the environment."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient()
+    exps = client.search_experiments(view_type=ViewType.ALL)
+    out: dict[str, Any] = {"experiments": {}, "runs": {}, "models": {}}
+    for e in exps:
+        out["experiments"][e.experiment_id] = (e.name, e.lifecycle_stage, dict(e.tags))
+    runs = client.search_runs(
+        [e.experiment_id for e in exps], run_view_type=ViewType.ALL, max_results=1000
+    )
+    for r in runs:
+        rid = r.info.run_id
+        metrics = {
+            key: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(rid, key)]
+            for key in r.data.metrics
+        }
+        artifacts = {}
+        pending = [None]
+        while pending:
+            for info in client.list_artifacts(rid, pending.pop()):
+                if info.is_dir:
+                    pending.append(info.path)
+                    continue
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=rid, artifact_path=info.path, dst_path=str(work / rid)
+                )
+                artifacts[info.path] = hashlib.sha256(Path(local).read_bytes()).hexdigest()
+        out["runs"][rid] = {
+            "info": (
+                r.info.experiment_id,
+                r.info.run_name,
+                r.info.status,
+                r.info.lifecycle_stage,
+                r.info.start_time,
+                r.info.end_time,
+            ),
+            "params": dict(r.data.params),
+            "tags": dict(r.data.tags),
+            "metrics": metrics,
+            "artifacts": artifacts,
+        }
+    for m in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{m.name}'")
+        out["models"][m.name] = {
+            "description": m.description,
+            "tags": dict(m.tags),
+            "aliases": dict(m.aliases) if isinstance(m.aliases, dict) else m.aliases,
+            "versions": sorted(
+                (v.version, v.source, v.run_id, v.status, dict(v.tags), sorted(v.aliases))
+                for v in versions
+            ),
+        }
+    return out
+
+
+@dataclass
+class Live:
+    stack: RunningStack
+    user: tuple[str, str]
+    ids: dict[str, str]
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("backup")
+    os.chmod(root, 0o711)  # as root, the service account passes through to the data dirs
+    with running_stack(root / "live") as running:
+        user = running.new_user("alice")
+        work = root / "populate"
+        work.mkdir()
+        with mlflow_env(running.client_env()):
+            ids = _populate(work)
+        yield Live(running, user, ids, root)
+
+
+@dataclass
+class UnderWrites:
+    archive: Path
+    manifest: dict[str, Any]
+    acks: list[tuple[int, float]]  # (step, when the server acknowledged it)
+    writer_run: str
+    started: float
+    finished: float
+
+
+@pytest.fixture(scope="module")
+def under_writes(live: Live) -> UnderWrites:
+    """A backup taken while a client logs a metric through the proxy, as fast as it can."""
+    from mlflow import MlflowClient
+
+    acks: list[tuple[int, float]] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    with mlflow_env(live.stack.client_env()):
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("backup-a").experiment_id
+        writer_run = client.create_run(exp, run_name="writer").info.run_id
+
+        def write() -> None:
+            step = 0
+            try:
+                while not stop.is_set():
+                    client.log_metric(writer_run, "live", float(step), step=step)
+                    acks.append((step, time.time()))
+                    step += 1
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 30
+            while len(acks) < 20 and time.monotonic() < deadline and not errors:
+                time.sleep(0.05)
+            started = time.time()
+            result = backup.backup(live.stack.settings, live.root / "under-writes.tar")
+            finished = time.time()
+            time.sleep(1.0)  # the client keeps writing after the backup too
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert not errors, errors
+    return UnderWrites(result.path, result.manifest, acks, writer_run, started, finished)
+
+
+def test_archive_is_private_and_its_manifest_describes_every_member(
+    under_writes: UnderWrites,
+) -> None:
+    archive = under_writes.archive
+    assert (archive.stat().st_mode & 0o777) == 0o600
+    assert not list(archive.parent.glob(f".{archive.name}*")), "no temp file left behind"
+    manifest = under_writes.manifest
+    assert manifest["mlflow_version"] == "3.17.2"
+    assert manifest["trackgate_version"]
+    assert manifest["database"]["schema_revision"]
+    assert manifest["database"]["tables"]["runs"]["count"] >= 6
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        settings_text = tar.extractfile(backup.SETTINGS_MEMBER).read().decode()  # type: ignore[union-attr]
+        assert names[-2:] == [backup.MANIFEST, backup.MANIFEST_SUM]
+        for name, want in manifest["members"].items():
+            data = tar.extractfile(name).read()  # type: ignore[union-attr]
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (want["size"], want["sha256"])
+    assert set(names) - {backup.MANIFEST, backup.MANIFEST_SUM} == set(manifest["members"])
+    roles = {m["role"] for m in manifest["members"].values()}
+    assert {"db", "artifact", "users", "tls", "settings"} <= roles
+    assert any(n == "tls/ca.key" for n in names) and "users/htpasswd" in names
+    assert "TRACKGATE_HOSTNAME=localhost\n" in settings_text
+
+
+def test_restored_stack_is_identical_by_content(
+    live: Live, under_writes: UnderWrites, tmp_path: Path
+) -> None:
+    # What the live server holds now; the writer's run only has more steps than the backup.
+    with mlflow_env(live.stack.client_env()):
+        expected = _content(tmp_path / "live-download")
+    target = stack_settings(tmp_path / "restored")
+    result = backup.restore(target, under_writes.archive)
+    assert "every checksum matched" in result.summary()
+    assert target.ca_cert.read_bytes() == live.stack.settings.ca_cert.read_bytes()
+    up = stack_module.up(target)
+    try:
+        assert up.admin_password is None, "the restored users are used, no new admin is made"
+        restored = RunningStack(target, live.stack.admin_password)
+        # The live CA file is trusted by the restored server: the same CA, the same key.
+        env = {**restored.client_env(), "MLFLOW_TRACKING_SERVER_CERT_PATH": str(live.stack.ca)}
+        with mlflow_env(env):
+            got = _content(tmp_path / "restored-download")
+        for name, password in (("admin", live.stack.admin_password), live.user):
+            ok = restored.get(
+                "/api/2.0/mlflow/experiments/search?max_results=1", auth=(name, password)
+            )
+            assert ok.status_code == 200, (name, ok.status_code)
+        wrong = restored.get("/api/2.0/mlflow/experiments/search", auth=("admin", "wrong"))
+        assert wrong.status_code == 401
+    finally:
+        stack_module.down(target)
+
+    writer = under_writes.writer_run
+    live_steps = expected["runs"][writer]["metrics"].pop("live")
+    restored_steps = got["runs"][writer]["metrics"].pop("live")
+    # Everything but the writer's metric is identical, artifact bytes included.
+    assert got == expected
+    assert expected["runs"][live.ids["run-0"]]["artifacts"].keys() == {
+        "model/weights.bin",
+        "notes/readme.txt",
+    }
+    assert got["models"]["bk-model"]["aliases"] == {"champion": "2"}
+    # The writer: a prefix of what the live server has, holding every step acknowledged
+    # before the database snapshot started.
+    snapshot = under_writes.manifest["database"]["snapshot_started"]
+    acked_before = [step for step, when in under_writes.acks if when < snapshot]
+    assert acked_before, "the client was writing before the backup"
+    assert [s for s, _v, _t in restored_steps] == list(range(len(restored_steps)))
+    assert restored_steps == live_steps[: len(restored_steps)]
+    assert len(restored_steps) >= len(acked_before)
+    assert any(when > under_writes.finished for _s, when in under_writes.acks), (
+        "the client kept writing after the backup"
+    )
+    assert len(live_steps) > len(restored_steps)
+
+
+def _tampered(archive: Path, member: str, dest: Path) -> Path:
+    shutil.copyfile(archive, dest)
+    with tarfile.open(dest) as tar:
+        info = tar.getmember(member)
+    with open(dest, "r+b") as f:
+        f.seek(info.offset_data + info.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return dest
+
+
+def test_verify_passes_on_a_good_archive_and_catches_any_changed_byte(
+    live: Live, under_writes: UnderWrites, tmp_path: Path
+) -> None:
+    settings = live.stack.settings
+    quiet = backup.backup(settings, tmp_path / "quiet.tar")  # nobody writes now
+    result = backup.verify(settings, quiet.path, scratch_root=tmp_path)
+    assert result.ok, result.differences
+    assert result.compared_live
+    assert any("artifacts downloaded through nginx" in c for c in result.checked)
+    assert not list(tmp_path.glob("trackgate-verify-*")), "the scratch dir is removed"
+
+    # The CLI: exit 0 and one summary line on stdout.
+    ok = CliRunner().invoke(
+        cli, ["backup", "--verify", str(quiet.path), "--data-dir", str(settings.data_dir)]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "is good" in ok.stdout
+
+    # One byte changed in an artifact, in the database: caught, named, exit non-zero.
+    for member in ("artifacts/", backup.SQLITE_MEMBER):
+        name = next(n for n in quiet.manifest["members"] if n.startswith(member))
+        bad = _tampered(quiet.path, name, tmp_path / "tampered.tar")
+        result = backup.verify(settings, bad, scratch_root=tmp_path)
+        assert not result.ok
+        assert any(name in d and "sha256 differs" in d for d in result.differences), result
+        cli_result = CliRunner().invoke(
+            cli, ["backup", "--verify", str(bad), "--data-dir", str(settings.data_dir)]
+        )
+        assert cli_result.exit_code == 1
+        assert name in cli_result.stderr
+        # restore refuses it before writing anything
+        target = stack_settings(tmp_path / "never")
+        with pytest.raises(backup.BackupError, match="nothing was restored"):
+            backup.restore(target, bad)
+        assert not target.data_dir.exists()
+
+    # The archive taken under writes is older than the live server: verify says what differs.
+    stale = backup.verify(settings, under_writes.archive, scratch_root=tmp_path)
+    assert not stale.ok
+    text = "\n".join(stale.differences)
+    assert "table metrics:" in text and "only in the live server" in text
+    assert "table runs" not in text  # the same runs, only more metric steps
+
+
+def test_restore_refuses_a_non_empty_dir_unless_forced(
+    under_writes: UnderWrites, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mlflow.db").write_text("someone else's")
+    runner = CliRunner()
+    args = ["restore", str(under_writes.archive), "--data-dir", str(data)]
+    refused = runner.invoke(cli, args)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert "not empty" in refused.stderr and "--force" in refused.stderr
+    assert (data / "mlflow.db").read_text() == "someone else's"
+
+    forced = runner.invoke(cli, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "every checksum matched" in forced.stdout
+    restored = backup.content_summary(f"sqlite:///{data / 'mlflow.db'}")
+    assert restored == under_writes.manifest["database"]["tables"]
+
+
+def _tar_with(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _future_manifest(directory: Path) -> Path:
+    text = json.dumps({"format": backup.FORMAT, "format_version": 99, "members": {}})
+    return _tar_with(directory / "future.tar", {backup.MANIFEST: text.encode()})
+
+
+BAD_ARCHIVES = {
+    "missing": (lambda p: p / "nope.tar", "no archive at"),
+    "not-a-tar": (
+        lambda p: (p / "x.tar").write_bytes(os.urandom(4096)) and p / "x.tar",
+        "is not a trackgate backup (not a tar archive)",
+    ),
+    "no-manifest": (
+        lambda p: _tar_with(p / "other.tar", {"hello.txt": b"hi"}),
+        "it has no manifest.json",
+    ),
+    "newer-format": (_future_manifest, "format version 99"),
+    "a-directory": (lambda p: p, "is a directory"),
+}
+
+
+@pytest.mark.parametrize("command", ["restore", "verify"])
+@pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
+def test_bad_archives_give_one_clear_line(case: str, command: str, tmp_path: Path) -> None:
+    make, message = BAD_ARCHIVES[case]
+    archive = make(tmp_path)
+    argv = (
+        ["restore", str(archive)] if command == "restore" else ["backup", "--verify", str(archive)]
+    )
+    result = CliRunner().invoke(cli, [*argv, "--data-dir", str(tmp_path / "target")])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trackgate: error: "), result.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "target").exists()
+
+
+def test_backup_errors_are_one_clear_line(
+    live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    data = str(live.stack.settings.data_dir)
+
+    missing = runner.invoke(cli, ["backup", "--data-dir", str(tmp_path / "nothing-here")])
+    assert missing.exit_code == 1
+    assert missing.stderr.strip() == (
+        f"trackgate: error: no data dir at {tmp_path / 'nothing-here'}: nothing to back up"
+    )
+
+    s3 = runner.invoke(
+        cli, ["backup", "--data-dir", data, "--artifacts-destination", "s3://bucket/mlflow"]
+    )
+    assert s3.exit_code == 1
+    assert "not implemented yet" in s3.stderr and "scale-out" in s3.stderr
+    assert len(s3.stderr.strip().splitlines()) == 1
+
+    def full(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full)
+    out = tmp_path / "full.tar"
+    disk_full = runner.invoke(cli, ["backup", "--data-dir", data, "--output", str(out)])
+    assert disk_full.exit_code == 1
+    assert disk_full.stderr.strip().startswith("trackgate: error: no space left on the device")
+    assert not out.exists() and not list(tmp_path.glob(".full.tar*"))
+    assert not list(tmp_path.glob(".trackgate-backup-*")), "the work dir is removed"
+
+
+def test_backup_cli_prints_one_summary_line(live: Live, tmp_path: Path) -> None:
+    out = tmp_path / "cli.tar"
+    result = CliRunner().invoke(
+        cli, ["backup", "--data-dir", str(live.stack.settings.data_dir), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip()
+    assert line.startswith(f"backup: wrote {out} (") and "artifact files" in line
+    assert " s): database " in line
