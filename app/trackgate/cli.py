@@ -15,8 +15,15 @@ from pydantic import ValidationError
 
 from . import accounts, client, database, nginx, provision, tls
 from .local import stack
-from .settings import ENV_PREFIX, Settings, load_settings
-from .users import HtpasswdStore, UserError, read_password, validate_username
+from .settings import ENV_PREFIX, Settings, SettingsFileError, load_settings
+from .users import (
+    HtpasswdStore,
+    UserError,
+    lookalike_warnings,
+    normalize_username,
+    read_password,
+    validate_username,
+)
 
 F = Callable[..., Any]
 
@@ -30,9 +37,10 @@ def _default_text(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
         return {
-            "data_dir": "~/.local/share/trackgate",
+            "data_dir": "~/.local/share/trackgate; root: /var/lib/trackgate",
             "bcrypt_concurrency": "CPU count - 1",
             "extra_hostnames": "none",
+            "trusted_proxies": "none",
         }[name]
     return "derived" if field.default is None else str(field.default)
 
@@ -73,6 +81,9 @@ def _settings(values: dict[str, Any]) -> Settings:
             f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
         )
         _fail(f"invalid settings: {problems}", code=2)
+        raise  # unreachable
+    except SettingsFileError as exc:
+        _fail(str(exc), code=2)
         raise  # unreachable
 
 
@@ -186,9 +197,16 @@ password_stdin_option = click.option(
 def users_add(name: str, password_stdin: bool, **values: Any) -> None:
     """Add user NAME (password from a double prompt or --password-stdin)."""
     store = _store(values)
-    validate_username(name)
+    name = validate_username(normalize_username(name))
+    _warn_lookalike(store, name)
     store.add(name, read_password(from_stdin=password_stdin, new=True))
     click.echo(f"added {name}")
+
+
+def _warn_lookalike(store: HtpasswdStore, name: str) -> None:
+    """Warn (stderr) when NAME could be mistaken for another account; it is still created."""
+    for warning in lookalike_warnings(name, store.list()):
+        click.echo(f"trackgate: warning: {warning}", err=True)
 
 
 @users.command("passwd")
@@ -199,7 +217,7 @@ def users_add(name: str, password_stdin: bool, **values: Any) -> None:
 def users_passwd(name: str, password_stdin: bool, **values: Any) -> None:
     """Change NAME's password; the old one stops working on the next request."""
     store = _store(values)
-    if name not in store.read():
+    if store.find(name) is None:
         raise UserError(f"no user {name!r}; use `trackgate users add {name}`")
     store.set_password(name, read_password(from_stdin=password_stdin, new=True))
     click.echo(f"changed password of {name}")
@@ -213,6 +231,9 @@ def users_passwd(name: str, password_stdin: bool, **values: Any) -> None:
 def users_set(name: str, password_stdin: bool, **values: Any) -> None:
     """Create NAME or set its password; prints 'unchanged' if it already had that password."""
     store = _store(values)
+    name = validate_username(normalize_username(name))
+    if store.find(name) is None:
+        _warn_lookalike(store, name)
     changed = store.ensure(name, read_password(from_stdin=password_stdin, new=True))
     click.echo(f"changed: {name}" if changed else f"unchanged: {name}")
 
@@ -231,9 +252,18 @@ def users_remove(name: str, **values: Any) -> None:
 @setting_options(*USER_OPTIONS)
 @_guard
 def users_list(**values: Any) -> None:
-    """List the user names."""
-    for name in _store(values).list():
-        click.echo(name)
+    """List the user names; accounts without a bcrypt hash are marked disabled."""
+    store = _store(values)
+    for entry in sorted(store.entries(), key=lambda e: e.name):
+        if entry.enabled:
+            click.echo(entry.name)
+            continue
+        click.echo(f"{entry.name} (disabled)")
+        click.echo(
+            f"trackgate: warning: {store.path} line {entry.line} ({entry.name}): not a bcrypt "
+            f"hash, so the account is disabled; `trackgate users passwd {entry.name}` enables it",
+            err=True,
+        )
 
 
 @users.command("verify")
@@ -244,6 +274,12 @@ def users_list(**values: Any) -> None:
 def users_verify(name: str, password_stdin: bool, **values: Any) -> None:
     """Check NAME's password against the file (exit 0 if right, 1 if not)."""
     store = _store(values)
+    entry = store.find(name)
+    if entry is not None and not entry.enabled:
+        _fail(
+            f"user {entry.name!r} is disabled: {store.path} line {entry.line} is not a bcrypt "
+            "hash (only bcrypt logs in)"
+        )
     if not store.verify(name, read_password(from_stdin=password_stdin, new=False)):
         _fail(f"wrong password or no user {name!r}")
     click.echo("ok")

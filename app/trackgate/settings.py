@@ -1,7 +1,11 @@
 """The one settings object: every port, path and knob of a trackgate stack.
 
 Precedence: an explicit argument (a CLI flag) beats the ``TRACKGATE_<FIELD>`` environment
-variable, which beats a ``.env`` file in the working directory, which beats the default.
+variable, which beats the settings file in the data dir (``DATA_DIR/trackgate.env``), which beats
+``/etc/trackgate/trackgate.env``, which beats the default.
+
+Never a ``.env`` in the working directory: `trackgate up` run by root in someone else's directory
+must not take its nginx binary from them. (Client settings do read ./.env: see client/.)
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "TRACKGATE_"
+SYSTEM_SETTINGS_FILE = Path("/etc/trackgate/trackgate.env")
+SETTINGS_FILE_NAME = "trackgate.env"  # in the data dir
 
 
 def _default_data_dir() -> Path:
+    if os.geteuid() == 0:  # the service account must reach it: never under /root
+        return Path("/var/lib/trackgate")
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "trackgate"
 
@@ -26,7 +34,7 @@ class Settings(BaseSettings):
     """Configuration of one trackgate stack (nginx + auth gateway + MLflow tracking server)."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX, env_file=None, extra="ignore", validate_default=True
     )
 
     data_dir: Path = Field(
@@ -398,6 +406,27 @@ def _is_ip(value: str) -> bool:
     return True
 
 
+class SettingsFileError(ValueError):
+    """A settings file others could have written; the message says what to fix."""
+
+
+def settings_files(data_dir: Path) -> list[Path]:
+    """The settings files that exist, lowest precedence first; each must be safe to trust."""
+    files = [f for f in (SYSTEM_SETTINGS_FILE, data_dir / SETTINGS_FILE_NAME) if f.is_file()]
+    for path in files:
+        st = path.stat()
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise SettingsFileError(
+                f"{path} can be changed by other accounts (owner uid {st.st_uid}, mode "
+                f"{st.st_mode & 0o777:o}): make it owned by you or root and not group/world "
+                f"writable (chmod go-w {path})")
+    return files
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment and .env, with explicit (non-None) overrides on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment and the settings files, with explicit (non-None) overrides
+    on top. The data dir is found first (flag, variable, /etc file, default), then its file."""
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    system = [SYSTEM_SETTINGS_FILE] if SYSTEM_SETTINGS_FILE.is_file() else None
+    data_dir = Settings(_env_file=system, **explicit).data_dir  # type: ignore[call-arg]
+    return Settings(_env_file=settings_files(data_dir) or None, **explicit)  # type: ignore[call-arg]
