@@ -193,3 +193,132 @@ def test_set_is_idempotent_for_provisioning(data_dir: Path) -> None:
         "unchanged: carol\n",
         "changed: carol\n",
     )
+
+
+# --- only bcrypt; names (issue 12, attacks 7 and 12) ----------------------------------------
+
+
+def _legacy_lines() -> str:
+    from passlib.hash import apr_md5_crypt, des_crypt
+
+    return (
+        f"bang:!\nstar:*\nlegacy:{des_crypt.hash('pw')}\napr:{apr_md5_crypt.hash('pw')}\nplain:pw\n"
+    )
+
+
+def test_non_bcrypt_lines_are_listed_as_disabled_with_their_line_numbers(data_dir: Path) -> None:
+    with open(data_dir / "htpasswd", "a") as f:
+        f.write(_legacy_lines())
+    result = trackgate(data_dir, "users", "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "alice",
+        "apr (disabled)",
+        "bang (disabled)",
+        "legacy (disabled)",
+        "plain (disabled)",
+        "star (disabled)",
+    ]
+    for number, name in [(2, "bang"), (3, "star"), (4, "legacy"), (5, "apr"), (6, "plain")]:
+        assert f"line {number} ({name}): not a bcrypt hash" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, password",
+    [("bang", "!"), ("star", "*"), ("legacy", "pw"), ("apr", "pw"), ("plain", "pw")],
+)
+def test_verify_refuses_disabled_accounts(data_dir: Path, name: str, password: str) -> None:
+    with open(data_dir / "htpasswd", "a") as f:
+        f.write(_legacy_lines())
+    result = trackgate(data_dir, "users", "verify", name, "--password-stdin", stdin=password + "\n")
+    assert result.returncode == 1
+    assert "is disabled" in result.stderr and "not a bcrypt hash" in result.stderr
+    assert not HtpasswdStore(data_dir / "htpasswd").verify(name, password)
+
+
+def test_passwd_turns_a_disabled_account_into_a_bcrypt_one(data_dir: Path) -> None:
+    with open(data_dir / "htpasswd", "a") as f:
+        f.write("bang:!\n")
+    assert (
+        trackgate(
+            data_dir, "users", "passwd", "bang", "--password-stdin", stdin="new-pw\n"
+        ).returncode
+        == 0
+    )
+    assert HtpasswdStore(data_dir / "htpasswd").verify("bang", "new-pw")
+    assert trackgate(data_dir, "users", "list").stdout.splitlines() == ["alice", "bang"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["list"], ["verify", "alice", "--password-stdin"], ["add", "bob", "--password-stdin"]],
+)
+def test_invalid_utf8_in_the_file_is_one_clear_line(data_dir: Path, command: list[str]) -> None:
+    with open(data_dir / "htpasswd", "ab") as f:
+        f.write(b"caf\xe9:!\n")
+    result = trackgate(data_dir, "users", *command, stdin="first-pw\n")
+    assert result.returncode == 1
+    assert "line 2 is not valid UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_name_starting_with_hash_is_refused_not_written_as_a_comment(data_dir: Path) -> None:
+    before = _htpasswd(data_dir)
+    result = trackgate(data_dir, "users", "add", "#x", "--password-stdin", stdin="pw\n")
+    assert result.returncode == 1
+    assert "starts with '#'" in result.stderr
+    assert _htpasswd(data_dir) == before
+
+
+def test_nfc_and_nfd_spellings_are_one_account(data_dir: Path) -> None:
+    nfc, nfd = "jos\u00e9", "jose\u0301"
+    added = trackgate(data_dir, "users", "add", nfd, "--password-stdin", stdin="pw1\n")
+    assert added.returncode == 0, added.stderr
+    assert f"{nfc}:" in _htpasswd(data_dir) and nfd not in _htpasswd(data_dir)
+    twin = trackgate(data_dir, "users", "add", nfc, "--password-stdin", stdin="pw2\n")
+    assert twin.returncode == 1 and "exists" in twin.stderr
+    assert (
+        trackgate(data_dir, "users", "set", nfc, "--password-stdin", stdin="pw1\n").stdout
+        == f"unchanged: {nfc}\n"
+    )
+    for name in (nfc, nfd):
+        verify = trackgate(data_dir, "users", "verify", name, "--password-stdin", stdin="pw1\n")
+        assert verify.returncode == 0, verify.stderr
+    assert (
+        trackgate(data_dir, "users", "passwd", nfd, "--password-stdin", stdin="pw3\n").returncode
+        == 0
+    )
+    assert trackgate(data_dir, "users", "remove", nfd).returncode == 0
+    assert trackgate(data_dir, "users", "list").stdout == "alice\n"
+
+
+def test_a_name_written_decomposed_by_hand_can_still_be_removed(data_dir: Path) -> None:
+    with open(data_dir / "htpasswd", "a") as f:
+        f.write("jose\u0301:!\n")
+    assert trackgate(data_dir, "users", "remove", "jose\u0301").returncode == 0
+    assert trackgate(data_dir, "users", "list").stdout == "alice\n"
+
+
+@pytest.mark.parametrize(
+    "name, warning",
+    [
+        ("\u0430lice", "looks like the existing user 'alice'"),  # Cyrillic а
+        ("\u0430dmin", "mixes scripts (CYRILLIC, LATIN)"),
+        ("\u0441\u043e\u0435", "looks like the ASCII name 'coe'"),  # all Cyrillic
+        ("Alice", "looks like the existing user 'alice'"),
+        ("a1ice", "looks like the existing user 'alice'"),
+    ],
+)
+def test_look_alike_names_are_warned_about(data_dir: Path, name: str, warning: str) -> None:
+    result = trackgate(data_dir, "users", "add", name, "--password-stdin", stdin="pw\n")
+    assert result.returncode == 0, result.stderr
+    assert f"trackgate: warning: username {name!r} {warning}"[:60] in result.stderr
+    assert warning in result.stderr
+    assert result.stdout == f"added {name}\n"
+
+
+def test_plain_names_get_no_warning(data_dir: Path) -> None:
+    for name in ("bob", "zoë", "müller-2", "\u5f20\u4f1f"):
+        result = trackgate(data_dir, "users", "add", name, "--password-stdin", stdin="pw\n")
+        assert result.returncode == 0 and result.stderr == "", (name, result.stderr)

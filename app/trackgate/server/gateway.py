@@ -15,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import os
 import secrets
 import threading
@@ -25,13 +26,14 @@ from typing import Any
 from urllib.parse import quote
 
 from ..settings import Settings
-from ..users import hash_password, parse, verify_hash
+from ..users import UserError, decode, enabled_users, hash_password, normalize_username, verify_hash
 from .credentials import CredentialCache
 from .throttle import LoginThrottle
 
 USER_HEADER = "X-Trackgate-User"
 THROTTLED_HEADER = "X-Trackgate-Throttled"  # why a 403 (429 for the client), for its body
 REALM = "trackgate"
+_log = logging.getLogger("trackgate.gateway")
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -58,8 +60,13 @@ class HtpasswdWatcher:
         if stamp != self._stamp:
             with self._lock:
                 try:
-                    self._users = parse(self.path.read_text(encoding="utf-8")) if stamp else {}
+                    data = self.path.read_bytes() if stamp else b""
+                    # Only bcrypt lines: `!`, `*` and legacy hashes are disabled accounts.
+                    self._users = enabled_users(decode(data, self.path))
                 except FileNotFoundError:
+                    self._users = {}
+                except UserError as exc:  # fail closed: nobody logs in until it is fixed
+                    _log.error("no users accepted: %s", exc)
                     self._users = {}
                 self._stamp = stamp
         return self._users.get(username)
@@ -125,6 +132,7 @@ class Gateway:
         if credentials is None:
             return _challenge(start_response)
         username, password = credentials
+        username = normalize_username(username)  # the spelling `trackgate users` stores
         current_hash = self.users.hash_for(username)
         if current_hash is not None and self.cache.hit(username, password, current_hash):
             self._count("cache_hits", "allowed")
