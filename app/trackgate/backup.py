@@ -60,6 +60,7 @@ _CHUNK = 1 << 20
 _NOT_DATA = {"run", "logs", "backups", "serving", "artifacts", "tls", RESTORED_SETTINGS}
 # MLflow writes an artifact to a hidden temp file, then renames it: temp files are not data.
 _UPLOADING_PREFIX = ".artifact.uploading."
+_SETTINGS_FILE = "trackgate.env"  # settings.SETTINGS_FILE_NAME: restored as data/trackgate.env
 
 Say = Callable[[str], None]
 
@@ -816,6 +817,10 @@ def _give_to_service_account(settings: Settings) -> None:
         return
     account = accounts.ensure_system_account(name)
     accounts.give_to(account, settings.data_dir)
+    # The data dir's settings file is trusted only when root (or the caller) owns it.
+    own = settings.data_dir / _SETTINGS_FILE
+    if own.is_file():
+        os.chown(own, os.geteuid(), os.getegid())
     artifacts = _local_artifacts(settings)
     if artifacts.is_dir() and not artifacts.is_relative_to(settings.data_dir):
         accounts.give_to(account, artifacts)
