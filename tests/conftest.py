@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .support import RunningStack, running_stack
+from .support import AMBIENT_PREFIXES, RunningStack, running_stack
 
 
 @pytest.fixture(scope="session")
@@ -42,5 +42,5 @@ def _no_ambient_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for name in list(os.environ):
-        if name.startswith(("MLFLOW_", "TRACKGATE_", "TRACKING_")):
+        if name.startswith(AMBIENT_PREFIXES):
             monkeypatch.delenv(name)

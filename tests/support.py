@@ -11,6 +11,8 @@ import itertools
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,7 +118,6 @@ def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         "tracking_port": free_port(),
         "gateway_port": free_port(),
         "listen_address": "127.0.0.1",
-        "serve_model_port": free_port(),
     }
     values.update(overrides)
     return Settings(**values)
@@ -147,12 +148,29 @@ def _print_logs(settings: Settings) -> None:
         print("\n".join(path.read_text(errors="replace").splitlines()[-40:]))
 
 
+# Variables that configure MLflow or trackgate: none may leak from the developer's shell into a
+# test (the one list: support's clean_env and conftest's autouse fixture both use it).
+AMBIENT_PREFIXES = ("MLFLOW_", "TRACKGATE_", "TRACKING_")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment minus any MLflow/trackgate settings of the developer's shell."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACKGATE_", "TRACKING_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(AMBIENT_PREFIXES)}
     env.update(extra)
     return env
+
+
+def trackgate(
+    *args: str,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    user: int | None = None,
+    timeout: float = 180,
+) -> subprocess.CompletedProcess[str]:
+    """The `trackgate` command as a user runs it: its own process, a clean environment plus
+    `env`, `input` on stdin, optionally as another (unprivileged) uid."""
+    argv = [sys.executable, "-m", "trackgate", *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(**(env or {})), cwd="/")

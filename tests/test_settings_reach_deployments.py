@@ -17,6 +17,7 @@ import yaml
 from dotenv import dotenv_values
 from trackgate.settings import ENV_PREFIX, Settings
 
+from .compose.harness import docker_env
 from .support import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +51,7 @@ def _compose_config(tmp_path: Path, *files: str, env_file: Path,
     argv = [str(compose), "--project-name", "tgtest-settings", "--env-file", str(env_file)]
     for name in files:
         argv += ["-f", str(COMPOSE_DIR / name)]
-    env = {k: v for k, v in clean_env().items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
-    env["TRACKGATE_ENV_FILE"] = str(containers_env_file or env_file)
+    env = {**docker_env(), "TRACKGATE_ENV_FILE": str(containers_env_file or env_file)}
     result = subprocess.run([*argv, "config", "--format", "json"], capture_output=True,
                             text=True, timeout=60, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr

@@ -16,20 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from .support import clean_env, free_port
+from .support import clean_env, free_port, trackgate
 
 PASSWORD_LINE = re.compile(r"Created user 'admin' with password: (\S+)")
-
-
-def trackgate(
-    *args: str, env: dict[str, str] | None = None, user: int | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "trackgate", *args]
-    if user is not None:  # run as an unprivileged user, like a non-root developer
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env=clean_env(**(env or {})), cwd="/"
-    )
 
 
 def ports() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trackgate.settings import Settings
 
-from ..support import RunningStack, free_port
+from ..support import RunningStack, clean_env, free_port
 
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
 VARIANT_FILES = {
@@ -35,8 +35,8 @@ class ComposeError(RuntimeError):
 
 def docker_env() -> dict[str, str]:
     """The environment minus anything that would configure compose or trackgate behind our back."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("COMPOSE_", "TRACKGATE_", "MLFLOW_", "DOCKER_DEFAULT_PLATFORM"))}
+    return {k: v for k, v in clean_env().items()
+            if not k.startswith(("COMPOSE_", "DOCKER_DEFAULT_PLATFORM"))}
 
 
 def docker(*args: str, timeout: float = 60) -> str:

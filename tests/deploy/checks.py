@@ -7,7 +7,6 @@ client, in a subprocess with only the environment a user would export.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import testinfra
 from cryptography import x509
 
+from ..support import clean_env
 from .harness import ALICE, Deployment
 
 # Logs a run with a param, a metric and a 2 MB artifact (over nginx's default 1 MB body limit),
@@ -52,9 +52,7 @@ def host(deployment: Deployment) -> Any:
 
 
 def mlflow_client(deployment: Deployment, *args: str, user: str = ALICE) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKGATE_"))}
-    env.update(deployment.client_env(user))
-    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
+    env = clean_env(**deployment.client_env(user), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
     proc = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, *args], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
