@@ -212,12 +212,13 @@ class _Db:
             order = ", ".join(str(i + 1) for i in range(ncols))
             yield from self._sqlite.execute(f'SELECT * FROM "{table}" ORDER BY {order}')
             return
-        quoted = self._conn.dialect.identifier_preparer.quote(table)
-        result = self._conn.exec_driver_sql(f"SELECT * FROM {quoted}")
-        ncols = len(result.keys())
+        quote = self._conn.dialect.identifier_preparer.quote
+        result = self._conn.exec_driver_sql(f"SELECT * FROM {quote(table)} LIMIT 0")
+        columns = list(result.keys())
         result.close()
-        order = ", ".join(str(i + 1) for i in range(ncols))
-        yield from self._conn.exec_driver_sql(f"SELECT * FROM {quoted} ORDER BY {order}")
+        # As text: some types (json) have no ordering operator in PostgreSQL.
+        order = ", ".join(f"CAST({quote(c)} AS TEXT)" for c in columns)
+        yield from self._conn.exec_driver_sql(f"SELECT * FROM {quote(table)} ORDER BY {order}")
 
     def content(self) -> dict[str, dict[str, Any]]:
         summary = {}
