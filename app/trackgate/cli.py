@@ -368,26 +368,22 @@ def serve_cmd(server: str, **values: Any) -> None:
 @click.option(
     "--workers", type=int, default=1, show_default=True, help="Scoring server worker processes."
 )
-@setting_options("data_dir", "serve_model_port")
+@setting_options("data_dir")
 @_guard
 def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> None:
-    """Serve MODEL_URI (e.g. models:/NAME@champion) with the MLflow scoring server on loopback and
-    publish it through nginx behind the same login, until Ctrl-C. The model is downloaded
-    through the proxy with the exported MLFLOW_TRACKING_* credentials."""
+    """Serve MODEL_URI (e.g. models:/NAME@champion) with the MLflow scoring server and publish
+    it through nginx behind the same login, until Ctrl-C. The model is downloaded through the
+    proxy with the exported MLFLOW_TRACKING_* credentials; it then runs with none of them, on a
+    Unix socket only nginx can reach, and (started by root) as TRACKGATE_MODEL_USER: a model is
+    code from whoever registered it."""
     from .local import serving
 
-    own = _settings(values)
-    # A port from --serve-model-port or TRACKGATE_SERVE_MODEL_PORT must be free; otherwise
-    # the stack's default is used if free, else any free port.
-    port = own.serve_model_port if "serve_model_port" in own.model_fields_set else None
-    settings = stack.recorded_settings(own)
+    settings = stack.recorded_settings(_settings(values))
 
     def ready(published: serving.Published) -> None:
         click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
 
-    code = serving.serve_model(
-        settings, model_uri, name, workers=workers, port=port, on_ready=ready
-    )
+    code = serving.serve_model(settings, model_uri, name, workers=workers, on_ready=ready)
     click.echo(f"stopped serving {name}; /serving/{name}/ is unpublished")
     sys.exit(code)
 
@@ -473,7 +469,15 @@ def tls_cmd(**values: Any) -> None:
     """Issue the local CA and server certificate if missing, expiring or for other names
     (prints 'changed' or 'unchanged'); with TRACKGATE_TLS_CERT/KEY only checks the files."""
     settings = _settings(values)
-    changed = tls.ensure_certificates(settings)
+
+    def new_ca(reason: str) -> None:
+        click.echo(
+            f"trackgate: new local CA ({reason}): clients and browsers must trust "
+            f"{settings.ca_cert} again",
+            err=True,
+        )
+
+    changed = tls.ensure_certificates(settings, on_new_ca=new_ca)
     click.echo(f"{'changed' if changed else 'unchanged'}: {settings.cert_file}")
 
 

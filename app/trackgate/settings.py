@@ -176,9 +176,6 @@ class Settings(BaseSettings):
     log_dir: Path | None = Field(
         default=None, description="Where logs go; default data_dir/logs ('-' for stderr)."
     )
-    serve_model_port: int = Field(
-        default=5100, description="Loopback port of a model served with `trackgate serve-model`."
-    )
 
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
@@ -207,7 +204,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("http_port", "https_port", "tracking_port", "gateway_port", "serve_model_port")
+    @field_validator("http_port", "https_port", "tracking_port", "gateway_port")
     @classmethod
     def _valid_port(cls, value: int) -> int:
         if not 1 <= value <= 65535:
@@ -352,7 +349,6 @@ class Settings(BaseSettings):
                 "https": self.https_port,
                 "tracking": self.tracking_port,
                 "gateway": self.gateway_port,
-                "serve_model": self.serve_model_port,
             },
             "tracking_address": self.tracking_address,
             "gateway_address": self.gateway_address,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from trackgate.local.probe import internal_connection
 
 from ..support import RunningStack, free_port, fresh_source_ip
 from .conftest import user_env
@@ -58,15 +60,24 @@ def _stop(proc: subprocess.Popen[str]) -> int:
         return proc.wait()
 
 
+def internal_connection_refused(socket: str) -> bool:
+    conn = internal_connection(f"unix:{socket}", timeout=2)
+    try:
+        conn.request("GET", "/ping")
+        conn.getresponse()
+    except OSError:
+        return True
+    finally:
+        conn.close()
+    return False
+
+
 @contextmanager
-def _serve_model(stack: RunningStack, model: str, name: str, workdir: Path,
-                 port: int | None = None) -> Iterator[Served]:
+def _serve_model(stack: RunningStack, model: str, name: str, workdir: Path) -> Iterator[Served]:
     """`trackgate serve-model models:/MODEL@champion --name NAME` in a user's shell."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "serve-model.log"
     env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
-    if port is not None:
-        env["TRACKGATE_SERVE_MODEL_PORT"] = str(port)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "trackgate", "serve-model", f"models:/{model}@champion",
@@ -84,7 +95,7 @@ def _serve_model(stack: RunningStack, model: str, name: str, workdir: Path,
 def served(stack: RunningStack, registered_model: dict[str, str],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     name = registered_model["name"]
-    with _serve_model(stack, name, name, tmp_path_factory.mktemp("serve"), free_port()) as s:
+    with _serve_model(stack, name, name, tmp_path_factory.mktemp("serve")) as s:
         yield s
 
 
@@ -122,7 +133,6 @@ def test_served_model_refuses_without_valid_login(
 def test_stopping_serve_model_unpublishes_the_location(
         stack: RunningStack, registered_model: dict[str, str], tmp_path: Path) -> None:
     name = registered_model["name"]
-    # No port given: the stack's serve_model_port, or any free port if another model has it.
     with _serve_model(stack, name, f"{name}.stopping", tmp_path) as served:
         _assert_unpublished_on_stop(stack, served)
 
@@ -185,8 +195,7 @@ def test_second_serve_model_for_the_same_name_is_refused_and_changes_nothing(
         stack: RunningStack, served: Served, tmp_path: Path) -> None:
     location = stack.settings.serving_dir / f"{served.name}.conf"
     published = location.read_text()
-    env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir),
-                   TRACKGATE_SERVE_MODEL_PORT=str(free_port()))
+    env = user_env(stack, TRACKGATE_DATA_DIR=str(stack.settings.data_dir))
     result = subprocess.run(
         [sys.executable, "-m", "trackgate", "serve-model", f"models:/{served.name}@champion",
          "--name", served.name], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -201,17 +210,17 @@ def test_second_serve_model_for_the_same_name_is_refused_and_changes_nothing(
 
 def test_killed_serve_model_takes_its_server_along_and_can_be_restarted(
         stack: RunningStack, registered_model: dict[str, str], tmp_path: Path) -> None:
-    name, port = f"{registered_model['name']}.killed", free_port()
-    with _serve_model(stack, registered_model["name"], name, tmp_path / "first", port) as first:
+    name = f"{registered_model['name']}.killed"
+    with _serve_model(stack, registered_model["name"], name, tmp_path / "first") as first:
+        location = (stack.settings.serving_dir / f"{name}.conf").read_text()
+        found = re.search(r"proxy_pass http://unix:(\S+):/;", location)
+        assert found, location
+        socket = found.group(1)
         first.proc.kill()  # no cleanup runs: the location and pid file stay behind
         first.proc.wait()
 
         def scoring_server_gone() -> bool:
-            try:
-                requests.get(f"http://127.0.0.1:{port}/ping", timeout=2)
-            except requests.ConnectionError:
-                return True
-            return False
+            return internal_connection_refused(socket)
         _wait_for(scoring_server_gone, "the orphaned scoring server to exit", timeout=30)
     # A new serve-model under the same name takes the stale location over.
     with _serve_model(stack, registered_model["name"], name, tmp_path / "second") as second:

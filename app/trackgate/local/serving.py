@@ -24,9 +24,11 @@ from types import FrameType
 
 import requests
 
-from .. import client, nginx
-from ..processes import any_free_port, die_with_parent, pid_alive, port_in_use
+from .. import accounts, client, nginx
+from ..accounts import Account
+from ..processes import die_with_parent, pid_alive
 from ..settings import Settings
+from .probe import internal_connection
 from .stack import StackError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -41,7 +43,7 @@ class ServingError(StackError):
 class Published:
     name: str
     url: str  # the public invocations URL
-    upstream: str  # host:port of the scoring server
+    upstream: str  # the scoring server, in nginx's notation (unix:/path/model.sock:)
     location_file: Path
 
 
@@ -73,18 +75,29 @@ def download_model(model_uri: str, config: client.TrackingConfig, dst: Path) -> 
         raise ServingError(f"cannot download {model_uri}: {exc.message}") from exc
 
 
-def scoring_server_argv(
-    model_path: Path, host: str, port: int, workers: int
+def scoring_server(
+    model_path: Path, socket: Path, workers: int
 ) -> tuple[list[str], dict[str, str]]:
-    """The command `mlflow models serve --env-manager local` runs, with this interpreter's uvicorn
-    (MLflow's own command names a bare `uvicorn`, which needs the venv on PATH)."""
-    from mlflow.pyfunc import scoring_server
+    """The server `mlflow models serve --env-manager local` runs, on a Unix socket, with this
+    interpreter's uvicorn, and an environment that carries nothing of the caller's: the model
+    is code from whoever registered it, so it gets no password, token or key."""
+    from mlflow.pyfunc import scoring_server as mlflow_scoring
 
-    command, env = scoring_server.get_cmd(str(model_path), port=port, host=host, nworkers=workers)
+    command, mlflow_env = mlflow_scoring.get_cmd(str(model_path), port=0, host="x", nworkers=1)
     argv = shlex.split(command)
     if argv[0] != "uvicorn":
         raise ServingError(f"unexpected scoring server command from MLflow: {command}")
-    return [sys.executable, "-m", "uvicorn", *argv[1:]], env
+    # What MLflow adds for the model (its path, timeouts), not the caller's whole environment.
+    env = {k: v for k, v in mlflow_env.items() if os.environ.get(k) != v}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(socket.parent),
+        "TMPDIR": str(socket.parent),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    })
+    app = argv[-1]
+    return [sys.executable, "-m", "uvicorn", "--uds", str(socket), "--workers", str(workers),
+            app], env
 
 
 def publish(settings: Settings, name: str, upstream: str) -> Path:
@@ -149,18 +162,34 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
-def _choose_port(host: str, settings: Settings, port: int | None) -> int:
-    """The asked-for port (it must be free), else settings.serve_model_port, else any free one."""
-    if port is not None:
-        if port_in_use(host, port):
-            raise ServingError(
-                f"port {port} on {host} is in use: choose another with "
-                "--serve-model-port (or TRACKGATE_SERVE_MODEL_PORT)"
-            )
-        return port
-    if not port_in_use(host, settings.serve_model_port):
-        return settings.serve_model_port
-    return any_free_port(host)  # another model has the default port: let the OS pick
+def _sandbox(settings: Settings, workdir: Path) -> Account | None:
+    """As root, the model runs as the model account and owns only its work dir, which the
+    service account (nginx workers) may pass to reach the socket; no one else may enter."""
+    if not accounts.running_as_root():
+        os.chmod(workdir, 0o700)
+        return None
+    model = accounts.lookup(settings.model_user)
+    service = accounts.lookup(settings.service_user)
+    if model is None or service is None:
+        missing = settings.model_user if model is None else settings.service_user
+        raise ServingError(f"no account {missing!r}: start the stack with `trackgate up` (as "
+                           "root) first, or set TRACKGATE_MODEL_USER to an unprivileged account")
+    if model.uid == 0:
+        raise ServingError("TRACKGATE_MODEL_USER must not be root: models are untrusted code")
+    accounts.give_to(Account(model.name, model.uid, service.gid), workdir)
+    os.chmod(workdir, 0o710)
+    return model
+
+
+def _socket_answers(socket: Path) -> bool:
+    conn = internal_connection(f"unix:{socket}", timeout=5)
+    try:
+        conn.request("GET", "/ping")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def serve_model(
@@ -168,25 +197,27 @@ def serve_model(
     model_uri: str,
     name: str,
     *,
-    port: int | None = None,
     workers: int = 1,
     on_ready: Callable[[Published], None] = lambda _p: None,
 ) -> int:
     """Download, serve and publish until stopped; returns the scoring server's exit code."""
     validate_name(name)
     config = client.configure(env_file=".env")
-    host = "127.0.0.1"
-    port = _choose_port(host, settings, port)
     owner = _claim(settings, name)  # before the try: never unpublish another process's model
     workdir = Path(tempfile.mkdtemp(prefix=f"trackgate-serve-{name}-"))
+    socket = workdir / "model.sock"
     proc: subprocess.Popen[bytes] | None = None
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        model_path = download_model(model_uri, config, workdir)
-        argv, env = scoring_server_argv(model_path, host, port, workers)
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        upstream = f"{host}:{port}"
-        _wait_until(lambda: _answers(f"http://{upstream}/ping"), proc, "it answered /ping")
+        (workdir / "model").mkdir()
+        model_path = download_model(model_uri, config, workdir / "model")
+        account = _sandbox(settings, workdir)
+        argv, env = scoring_server(model_path, socket, workers)
+        extra = account.popen_kwargs() if account is not None else {}
+        proc = subprocess.Popen(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent, **extra)
+        upstream = f"unix:{socket}:"  # nginx's notation for an HTTP upstream on a socket
+        _wait_until(lambda: _socket_answers(socket), proc, "it answered /ping")
         path = publish(settings, name, upstream)
         base = f"{settings.public_url}/serving/{name}"
         auth = (config.username, config.password or "") if config.username else None
