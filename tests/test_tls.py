@@ -29,14 +29,26 @@ def test_the_local_ca_issues_for_every_host_name_and_reissues_when_names_change(
     assert _san(settings.cert_file) == ["mlflow.example.com"]
     assert ensure_certificates(settings) is False  # nothing to do the second time
     ca_before = settings.ca_cert.read_bytes()
+    server_before = settings.cert_file.read_bytes()
+    # The CA may only certify its names: a new name needs a new CA, which clients trust again.
     wider = Settings(
         data_dir=tmp_path, hostname="mlflow.example.com", extra_hostnames="ml.internal"
     )
-    assert ensure_certificates(wider) is True
+    reasons: list[str] = []
+    assert ensure_certificates(wider, on_new_ca=reasons.append) is True
+    assert reasons == ["the host names changed beyond what the CA may certify"]
     assert sorted(_san(wider.cert_file)) == ["ml.internal", "mlflow.example.com"]
-    assert wider.ca_cert.read_bytes() == ca_before  # clients keep trusting the same CA
+    assert wider.ca_cert.read_bytes() != ca_before
+    # Fewer names stay within the constraints: same CA, new server certificate.
+    ca_wide = wider.ca_cert.read_bytes()
+    assert ensure_certificates(settings, on_new_ca=reasons.append) is True
+    assert settings.ca_cert.read_bytes() == ca_wide and len(reasons) == 1
+    assert settings.cert_file.read_bytes() != server_before
     assert oct(wider.key_file.stat().st_mode & 0o777) == "0o600"
-    assert oct((tmp_path / "tls" / "ca.key").stat().st_mode & 0o777) == "0o600"
+    # The CA key is kept apart from what nginx reads.
+    assert not (tmp_path / "tls" / "ca.key").exists()
+    assert oct((tmp_path / "tls" / "ca-key").stat().st_mode & 0o777) == "0o700"
+    assert oct((tmp_path / "tls" / "ca-key" / "ca.key").stat().st_mode & 0o777) == "0o600"
 
 
 def test_the_operators_own_certificate_is_served(tmp_path: Path) -> None:

@@ -120,7 +120,7 @@ def files_have_strict_modes(deployment: Deployment) -> None:
         "/etc/trackgate/trackgate.env": ("root", "trackgate", 0o640),
         "/var/lib/trackgate/htpasswd": ("trackgate", "trackgate", 0o640),
         "/var/lib/trackgate/tls/server.key": ("trackgate", "trackgate", 0o600),
-        "/var/lib/trackgate/tls/ca.key": ("trackgate", "trackgate", 0o600),
+        "/var/lib/trackgate/tls/ca-key/ca.key": ("trackgate", "trackgate", 0o600),
         "/var/lib/trackgate": ("trackgate", "trackgate", 0o750),
         "/etc/nginx/conf.d/trackgate.conf": ("root", "root", 0o644),
     }

@@ -128,7 +128,7 @@ def test_archive_is_private_and_its_manifest_describes_every_member(
     assert set(names) - {backup.MANIFEST, backup.MANIFEST_SUM} == set(manifest["members"])
     roles = {m["role"] for m in manifest["members"].values()}
     assert {"db", "artifact", "users", "tls", "settings"} <= roles
-    assert any(n == "tls/ca.key" for n in names) and "users/htpasswd" in names
+    assert any(n == "tls/ca-key/ca.key" for n in names) and "users/htpasswd" in names
     assert "TRACKGATE_HOSTNAME=localhost\n" in settings_text
 
 
