@@ -7,8 +7,10 @@ certificate, the first admin user and the rendered nginx config.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+from pathlib import Path
 
 from . import accounts, nginx, tls
 from .settings import Settings
@@ -46,10 +48,13 @@ def prepare(settings: Settings) -> str | None:
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
     tls.ensure_certificates(settings)
+    ensure_kek_passphrase(settings)
     password = ensure_admin(settings)
     nginx.write_if_changed(settings.nginx_conf, nginx.render(settings, standalone=True))
     if account is not None:
-        accounts.give_to(account, settings.data_dir, skip=(settings.data_dir / "artifacts",))
+        # Not the artifacts (the account wrote them) nor the CA key (root's alone, see tls.py).
+        keep = (settings.data_dir / "artifacts", tls.ca_key_file(settings).parent)
+        accounts.give_to(account, settings.data_dir, skip=keep)
         for outside in (settings.logs, settings.sockets):
             if outside is not None and not outside.is_relative_to(settings.data_dir):
                 accounts.give_to(account, outside)
@@ -70,3 +75,75 @@ def _prepare_socket_dir(settings: Settings) -> None:
             "allow: set TRACKGATE_SOCKET_DIR to a shorter directory")
     settings.sockets.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.sockets, 0o700)
+
+
+# MLflow encrypts what users store in its secret store (AI gateway API keys) under a key derived
+# from this passphrase; without it, MLflow uses a default that is printed in its source.
+KEK_PASSPHRASE_ENV = "MLFLOW_CRYPTO_KEK_PASSPHRASE"
+_log = logging.getLogger("trackgate.provision")
+
+
+def kek_passphrase_file(settings: Settings) -> Path:
+    """One random passphrase per install, mode 0600, beside the other secrets in the data dir
+    (backed up with it)."""
+    return settings.data_dir / "secrets" / "mlflow-kek-passphrase"
+
+
+def ensure_kek_passphrase(settings: Settings) -> str | None:
+    """The install's passphrase for MLflow's secret store, generated on first use.
+
+    None (MLflow's default stays) only when the database already holds secrets encrypted under
+    the default: a new passphrase would make them unreadable. Rotate those with
+    `mlflow crypto rotate-kek` (README: MLflow's secret store).
+    """
+    path = kek_passphrase_file(settings)
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    stored = _stored_mlflow_secrets(settings)
+    if stored:
+        _log.warning(
+            "MLflow's secret store holds %d secrets under its default passphrase; not generating "
+            "one (rotate them with `mlflow crypto rotate-kek`, then write the new passphrase to "
+            "%s)",
+            stored,
+            path,
+        )
+        return None
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    passphrase = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(passphrase + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # never replaces one another process wrote first
+        except FileExistsError:
+            return path.read_text().strip()
+    finally:
+        os.unlink(tmp)
+    return passphrase
+
+
+def _stored_mlflow_secrets(settings: Settings) -> int:
+    """How many secrets MLflow's store holds (0 if the database or table does not exist yet)."""
+    if settings.sqlite_path is not None and not settings.sqlite_path.exists():
+        return 0
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(settings.database_uri)
+        try:
+            with engine.connect() as connection:
+                return int(
+                    connection.execute(sqlalchemy.text("SELECT count(*) FROM secrets")).scalar_one()
+                )
+        finally:
+            engine.dispose()
+    except Exception:  # no table yet, or the database is not up: nothing stored under a key
+        return 0

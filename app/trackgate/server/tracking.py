@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import database
+from ..provision import KEK_PASSPHRASE_ENV, ensure_kek_passphrase
 from ..settings import Settings
 from .gunicorn import GunicornApp, tracking_options
 
@@ -51,4 +52,9 @@ def run(settings: Settings) -> None:
         Path(settings.artifacts_uri).mkdir(parents=True, exist_ok=True)
     database.ensure_schema(settings, allow_upgrade=False)
     os.environ.update(mlflow_environment(settings))
+    # MLflow's secret store: the operator's passphrase if set, else this install's own.
+    if not os.environ.get(KEK_PASSPHRASE_ENV):
+        passphrase = ensure_kek_passphrase(settings)
+        if passphrase:
+            os.environ[KEK_PASSPHRASE_ENV] = passphrase
     GunicornApp(_load_mlflow, tracking_options(settings)).run()
