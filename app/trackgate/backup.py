@@ -292,13 +292,25 @@ class _Source:
     role: str
 
 
-def _collect(settings: Settings) -> list[_Source]:
-    """Every file to archive but the database."""
+def _check_source(settings: Settings) -> None:
     data_dir = settings.data_dir
     if not data_dir.is_dir():
         raise BackupError(f"no data dir at {data_dir}: nothing to back up")
     if not os.access(data_dir, os.R_OK | os.X_OK):
         raise BackupError(f"cannot read the data dir {data_dir}: permission denied")
+    _local_artifacts(settings)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _collect(settings: Settings) -> list[_Source]:
+    """Every file to archive but the database."""
+    data_dir = settings.data_dir
     sources: list[_Source] = []
     artifacts = _local_artifacts(settings)
     if artifacts.is_dir():
@@ -443,20 +455,21 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
     started = time.monotonic()
     output = Path(output) if output is not None else default_archive(settings)
     with _disk_errors("collecting the files"):
-        _local_artifacts(settings)
-        sources = _collect(settings)
+        _check_source(settings)
         output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     workdir = Path(tempfile.mkdtemp(prefix=".trackgate-backup-", dir=output.parent))
     try:
         with _disk_errors(f"writing {output}"):
-            # The database first: every artifact it refers to was published before it.
+            # The database first, as one snapshot.
             db_file, db_member, tables, revision, snap_started = _snapshot_database(
                 settings, workdir
             )
             snap_done = time.time()
-            sizes = {s.member: s.path.stat().st_size for s in sources}
-            total = sum(sizes.values()) + db_file.stat().st_size
+            # Then the files, listed after the snapshot: an artifact acknowledged before it is
+            # on disk by now (MLflow publishes each one by renaming a finished temp file).
+            sources = _collect(settings)
+            total = sum(_size(s.path) for s in sources) + db_file.stat().st_size
             progress = _Progress("backup", total, say)
             members: dict[str, dict[str, Any]] = {}
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
