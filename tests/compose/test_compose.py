@@ -142,6 +142,17 @@ def test_the_mlflow_client_logs_a_run_an_artifact_and_a_model_with_exported_cred
         assert runs.stdout.strip() == "1"
 
 
+def test_the_settings_of_the_env_file_reach_every_trackgate_container(
+    stack: ComposeStack,
+) -> None:
+    # Written to the env file by the harness; no line of compose.yaml names them.
+    for service in ("tracking", "gateway"):
+        layout = json.loads(stack.project.exec(service, "trackgate", "config", "--json").stdout)
+        assert layout["settings"]["TRACKGATE_FAILURE_LIMIT"] == "100000", service
+        assert layout["settings"]["TRACKGATE_BCRYPT_ROUNDS"] == "4", service
+        assert layout["public_url"] == stack.url, service
+
+
 def test_a_user_added_with_the_cli_logs_in_at_once_and_a_removed_one_cannot(
     stack: ComposeStack,
 ) -> None:
