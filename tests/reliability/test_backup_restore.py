@@ -347,3 +347,26 @@ def test_backup_cli_prints_one_summary_line(live: Live, tmp_path: Path) -> None:
     line = result.stdout.strip()
     assert line.startswith(f"backup: wrote {out} (") and "artifact files" in line
     assert " s): database " in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another account")
+def test_an_unreadable_data_dir_is_one_clear_line(live: Live, tmp_path: Path) -> None:
+    """As an account that may not read the data dir (it belongs to the service account)."""
+    import subprocess
+    import sys
+
+    from ..support import clean_env
+
+    data = live.stack.settings.data_dir
+    argv = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "trackgate", "backup"]
+    by_flag = [*argv, "--data-dir", str(data), "--output", str(tmp_path / "x.tar")]
+    env = clean_env(HOME="/tmp")
+    for command, extra in ((by_flag, {}), (argv, {"TRACKGATE_DATA_DIR": str(data)})):
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**env, **extra}
+        )
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert "not readable" in result.stderr or "permission denied" in result.stderr, (
+            result.stderr
+        )
