@@ -176,6 +176,7 @@ def test_model_version_sources_outside_the_server_store_are_refused(
         "runs:/0123abcd/model",
         "models:/m-0123abcd",
         "models:/name/1",
+        "models:/my model@champion",
         "mlflow-artifacts:/1/0123abcd/artifacts/model",
         "dummy-source",
     ],

@@ -67,6 +67,7 @@ class Rule:
 # --- path checks ----------------------------------------------------------------------------
 
 _UNSAFE_CHARS = re.compile(r"[%\\\x00-\x20\x7f]")
+_UNSAFE_IN_NAMES = re.compile(r"[%\\\x00-\x1f\x7f]")  # registry names may hold spaces
 
 
 def _clean_segments(path: str) -> list[str] | None:
@@ -96,8 +97,9 @@ def is_under_root(uri: str, root: str) -> bool:
 
 
 def _is_clean_scheme_uri(uri: str, scheme: str) -> bool:
-    """`runs:/ID/path` or `models:/NAME/VERSION` style: that scheme, no host, clean segments."""
-    if _UNSAFE_CHARS.search(uri) or any(c in uri for c in "?#;"):
+    """`runs:/ID/path` or `models:/NAME/VERSION` style: that scheme, no host, clean segments.
+    The store resolves these itself; they never name a file."""
+    if _UNSAFE_IN_NAMES.search(uri) or any(c in uri for c in "?#;"):
         return False
     prefix = f"{scheme}:/"
     if not uri.startswith(prefix) or uri.startswith(prefix + "/"):
