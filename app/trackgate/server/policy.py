@@ -275,6 +275,8 @@ class Policy:
         except (HTTPException, RequestRedirect):
             # 404/405/308: MLflow answers the same; a redirected client comes back here.
             return self.app(environ, start_response)
+        except Exception:  # a request Flask could not route either: fail closed
+            return _error(start_response, PolicyViolation("the request could not be routed"))
         rule = self.rules.get(endpoint)
         if rule is None:
             return self.app(environ, start_response)
