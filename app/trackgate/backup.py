@@ -114,6 +114,8 @@ def _disk_errors(action: str) -> Iterator[None]:
         raise
     except (database.DatabaseError, accounts.AccountError) as exc:
         raise BackupError(str(exc)) from exc
+    except sqlite3.Error as exc:
+        raise BackupError(f"{action} failed: sqlite: {exc}") from exc
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -457,8 +459,8 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
     with _disk_errors("collecting the files"):
         _check_source(settings)
         output.parent.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=".trackgate-backup-", dir=output.parent))
     tmp = output.with_name(f".{output.name}.partial")
-    workdir = Path(tempfile.mkdtemp(prefix=".trackgate-backup-", dir=output.parent))
     try:
         with _disk_errors(f"writing {output}"):
             # The database first, as one snapshot.
@@ -788,31 +790,13 @@ def restore(
     notes: list[str] = []
     total = sum(m["size"] for m in manifest["members"].values())
     progress = _Progress("restore", total, say)
-    with _disk_errors(f"restoring into {settings.data_dir}"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(settings.data_dir, 0o700)
-        if force:
-            _clear_for_restore(settings, manifest)
-        pg_dump_file: Path | None = None
-        with _open_archive(archive) as (tar, _manifest):
-            for info in tar.getmembers():
-                if info.name in (MANIFEST, MANIFEST_SUM):
-                    continue
-                want = manifest["members"][info.name]
-                dest = where[info.name]
-                if info.name == PG_MEMBER:
-                    pg_dump_file = settings.data_dir / ".restore.pgdump"
-                    dest = pg_dump_file
-                if dest is None:
-                    notes.append(f"{info.name} not restored: these settings do not use it")
-                    continue
-                _extract(tar, info, dest, want, progress, gunzip=info.name == SQLITE_MEMBER)
-        if pg_dump_file is not None:
-            try:
-                _pg_restore(settings, pg_dump_file, clean=force)
-            finally:
-                pg_dump_file.unlink(missing_ok=True)
-        _give_to_service_account(settings)
+    try:
+        with _disk_errors(f"restoring into {settings.data_dir}"):
+            _lay_down(settings, archive, manifest, where, progress, notes, force=force)
+    except BaseException:
+        if not occupied:  # it was empty: leave it empty, so a second try needs no --force
+            _empty(settings)
+        raise
     notes += _settings_notes(settings, manifest, settings.data_dir / RESTORED_SETTINGS)
     return RestoreResult(
         settings.data_dir,
@@ -822,6 +806,56 @@ def restore(
         manifest,
         notes,
     )
+
+
+def _empty(settings: Settings) -> None:
+    if settings.data_dir.is_dir():
+        for entry in settings.data_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    artifacts = _local_artifacts(settings)
+    if not artifacts.is_relative_to(settings.data_dir) and artifacts.is_dir():
+        shutil.rmtree(artifacts, ignore_errors=True)
+    if not settings.htpasswd.is_relative_to(settings.data_dir):
+        settings.htpasswd.unlink(missing_ok=True)
+
+
+def _lay_down(
+    settings: Settings,
+    archive: Path,
+    manifest: dict[str, Any],
+    where: dict[str, Path | None],
+    progress: _Progress,
+    notes: list[str],
+    *,
+    force: bool,
+) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    if force:
+        _clear_for_restore(settings, manifest)
+    pg_dump_file: Path | None = None
+    with _open_archive(archive) as (tar, _manifest):
+        for info in tar.getmembers():
+            if info.name in (MANIFEST, MANIFEST_SUM):
+                continue
+            want = manifest["members"][info.name]
+            dest = where[info.name]
+            if info.name == PG_MEMBER:
+                pg_dump_file = settings.data_dir / ".restore.pgdump"
+                dest = pg_dump_file
+            if dest is None:
+                notes.append(f"{info.name} not restored: these settings do not use it")
+                continue
+            _extract(tar, info, dest, want, progress, gunzip=info.name == SQLITE_MEMBER)
+    if pg_dump_file is not None:
+        try:
+            _pg_restore(settings, pg_dump_file, clean=force)
+        finally:
+            pg_dump_file.unlink(missing_ok=True)
+    _give_to_service_account(settings)
 
 
 def _give_to_service_account(settings: Settings) -> None:
@@ -1180,6 +1214,17 @@ def verify(
 ) -> VerifyResult:
     """Check the archive, restore it into a scratch dir, serve it on free ports, and compare
     what it serves with the manifest and (when the stack runs) with the live database."""
+    with _disk_errors(f"verifying {archive}"):
+        return _verify(settings, Path(archive), say, scratch_root, compare_live)
+
+
+def _verify(
+    settings: Settings,
+    archive: Path,
+    say: Say,
+    scratch_root: Path | None,
+    compare_live: bool,
+) -> VerifyResult:
     from .local import stack
     from .users import HtpasswdStore
 

@@ -370,3 +370,31 @@ def test_an_unreadable_data_dir_is_one_clear_line(live: Live, tmp_path: Path) ->
         assert "not readable" in result.stderr or "permission denied" in result.stderr, (
             result.stderr
         )
+
+
+def test_a_full_disk_during_restore_is_one_line_and_leaves_the_dir_empty(
+    under_writes: UnderWrites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_extract = backup._extract
+    calls = {"n": 0}
+
+    def fills_up(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 3:  # a few files land, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[2]))
+        real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(backup, "_extract", fills_up)
+    data = tmp_path / "data"
+    result = CliRunner().invoke(
+        cli, ["restore", str(under_writes.archive), "--data-dir", str(data)]
+    )
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"trackgate: error: no space left on the device while restoring into {data}"
+    ), result.stderr
+    assert not data.exists() or not any(data.iterdir()), "a failed restore leaves it empty"
+    monkeypatch.undo()
+    again = CliRunner().invoke(cli, ["restore", str(under_writes.archive), "--data-dir", str(data)])
+    assert again.exit_code == 0, again.output  # no --force needed for the second try
