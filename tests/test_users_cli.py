@@ -5,32 +5,24 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from trackgate.users import HtpasswdStore
 
-from .support import clean_env
+from .support import trackgate
 
 
-def trackgate(
-    data_dir: Path, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trackgate", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(TRACKGATE_DATA_DIR=str(data_dir), TRACKGATE_BCRYPT_ROUNDS="4"),
-    )
+def cli(data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`trackgate ARGS` on the users of data_dir (bcrypt cost 4: these tests hash a lot)."""
+    return trackgate(*args, input=stdin, timeout=60,
+                     env={"TRACKGATE_DATA_DIR": str(data_dir), "TRACKGATE_BCRYPT_ROUNDS": "4"})
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    result = trackgate(tmp_path, "users", "add", "alice", "--password-stdin", stdin="first-pw\n")
+    result = cli(tmp_path, "users", "add", "alice", "--password-stdin", stdin="first-pw\n")
     assert result.returncode == 0, result.stderr
     return tmp_path
 
@@ -57,7 +49,7 @@ def test_bad_input_is_refused_clearly_and_leaves_the_file_as_it_was(
     data_dir: Path, name: str, password: str, message: str
 ) -> None:
     before = _htpasswd(data_dir)
-    result = trackgate(data_dir, "users", "add", name, "--password-stdin", stdin=password)
+    result = cli(data_dir, "users", "add", name, "--password-stdin", stdin=password)
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -65,13 +57,13 @@ def test_bad_input_is_refused_clearly_and_leaves_the_file_as_it_was(
 
 
 def test_password_of_exactly_72_bytes_is_accepted(data_dir: Path) -> None:
-    result = trackgate(data_dir, "users", "add", "max", "--password-stdin", stdin="p" * 72 + "\n")
+    result = cli(data_dir, "users", "add", "max", "--password-stdin", stdin="p" * 72 + "\n")
     assert result.returncode == 0, result.stderr
     assert HtpasswdStore(data_dir / "htpasswd").verify("max", "p" * 72)
 
 
 def test_password_stdin_reads_exactly_one_line(data_dir: Path) -> None:
-    result = trackgate(
+    result = cli(
         data_dir, "users", "add", "bob", "--password-stdin", stdin="one two\nthree\n"
     )
     assert result.returncode == 0, result.stderr
@@ -82,42 +74,42 @@ def test_password_stdin_reads_exactly_one_line(data_dir: Path) -> None:
 
 def test_passwd_remove_and_verify_change_what_the_file_accepts(data_dir: Path) -> None:
     assert (
-        trackgate(
+        cli(
             data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n"
         ).returncode
         == 0
     )
     assert (
-        trackgate(
+        cli(
             data_dir, "users", "passwd", "alice", "--password-stdin", stdin="second-pw\n"
         ).returncode
         == 0
     )
     assert (
-        trackgate(
+        cli(
             data_dir, "users", "verify", "alice", "--password-stdin", stdin="first-pw\n"
         ).returncode
         == 1
     )
     assert (
-        trackgate(
+        cli(
             data_dir, "users", "verify", "alice", "--password-stdin", stdin="second-pw\n"
         ).returncode
         == 0
     )
-    assert trackgate(data_dir, "users", "remove", "alice").returncode == 0
-    assert trackgate(data_dir, "users", "list").stdout == ""
+    assert cli(data_dir, "users", "remove", "alice").returncode == 0
+    assert cli(data_dir, "users", "list").stdout == ""
 
 
 @pytest.mark.parametrize("command", [["passwd", "ghost", "--password-stdin"], ["remove", "ghost"]])
 def test_unknown_user_is_a_clear_error(data_dir: Path, command: list[str]) -> None:
-    result = trackgate(data_dir, "users", *command, stdin="pw\n")
+    result = cli(data_dir, "users", *command, stdin="pw\n")
     assert result.returncode == 1
     assert "no user 'ghost'" in result.stderr
 
 
 def test_missing_data_directory_is_a_clear_error(tmp_path: Path) -> None:
-    result = trackgate(
+    result = cli(
         tmp_path / "missing", "users", "add", "bob", "--password-stdin", stdin="pw\n"
     )
     assert result.returncode == 1
@@ -126,13 +118,13 @@ def test_missing_data_directory_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_list_on_a_missing_file_is_empty_not_an_error(tmp_path: Path) -> None:
-    result = trackgate(tmp_path, "users", "list")
+    result = cli(tmp_path, "users", "list")
     assert result.returncode == 0
     assert result.stdout == ""
 
 
 def test_without_a_terminal_a_prompt_is_not_attempted(data_dir: Path) -> None:
-    result = trackgate(data_dir, "users", "add", "bob", stdin="")
+    result = cli(data_dir, "users", "add", "bob", stdin="")
     assert result.returncode == 1
     assert "--password-stdin" in result.stderr
 
@@ -141,7 +133,7 @@ def test_writes_keep_the_file_mode_and_are_bcrypt(data_dir: Path) -> None:
     path = data_dir / "htpasswd"
     os.chmod(path, 0o600)
     assert (
-        trackgate(data_dir, "users", "add", "bob", "--password-stdin", stdin="pw\n").returncode == 0
+        cli(data_dir, "users", "add", "bob", "--password-stdin", stdin="pw\n").returncode == 0
     )
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert all(
@@ -153,7 +145,7 @@ def test_concurrent_adds_lose_nothing(data_dir: Path) -> None:
     names = [f"user{i}" for i in range(16)]
 
     def add(name: str) -> int:
-        return trackgate(
+        return cli(
             data_dir, "users", "add", name, "--password-stdin", stdin=f"{name}-pw\n"
         ).returncode
 
@@ -185,9 +177,9 @@ def test_a_reader_never_sees_a_partial_file_while_users_change(data_dir: Path) -
 
 
 def test_set_is_idempotent_for_provisioning(data_dir: Path) -> None:
-    first = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
-    again = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
-    changed = trackgate(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw2\n")
+    first = cli(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
+    again = cli(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw1\n")
+    changed = cli(data_dir, "users", "set", "carol", "--password-stdin", stdin="pw2\n")
     assert (first.stdout, again.stdout, changed.stdout) == (
         "changed: carol\n",
         "unchanged: carol\n",
@@ -209,7 +201,7 @@ def _legacy_lines() -> str:
 def test_non_bcrypt_lines_are_listed_as_disabled_with_their_line_numbers(data_dir: Path) -> None:
     with open(data_dir / "htpasswd", "a") as f:
         f.write(_legacy_lines())
-    result = trackgate(data_dir, "users", "list")
+    result = cli(data_dir, "users", "list")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "alice",
@@ -230,7 +222,7 @@ def test_non_bcrypt_lines_are_listed_as_disabled_with_their_line_numbers(data_di
 def test_verify_refuses_disabled_accounts(data_dir: Path, name: str, password: str) -> None:
     with open(data_dir / "htpasswd", "a") as f:
         f.write(_legacy_lines())
-    result = trackgate(data_dir, "users", "verify", name, "--password-stdin", stdin=password + "\n")
+    result = cli(data_dir, "users", "verify", name, "--password-stdin", stdin=password + "\n")
     assert result.returncode == 1
     assert "is disabled" in result.stderr and "not a bcrypt hash" in result.stderr
     assert not HtpasswdStore(data_dir / "htpasswd").verify(name, password)
@@ -240,13 +232,13 @@ def test_passwd_turns_a_disabled_account_into_a_bcrypt_one(data_dir: Path) -> No
     with open(data_dir / "htpasswd", "a") as f:
         f.write("bang:!\n")
     assert (
-        trackgate(
+        cli(
             data_dir, "users", "passwd", "bang", "--password-stdin", stdin="new-pw\n"
         ).returncode
         == 0
     )
     assert HtpasswdStore(data_dir / "htpasswd").verify("bang", "new-pw")
-    assert trackgate(data_dir, "users", "list").stdout.splitlines() == ["alice", "bang"]
+    assert cli(data_dir, "users", "list").stdout.splitlines() == ["alice", "bang"]
 
 
 @pytest.mark.parametrize(
@@ -256,7 +248,7 @@ def test_passwd_turns_a_disabled_account_into_a_bcrypt_one(data_dir: Path) -> No
 def test_invalid_utf8_in_the_file_is_one_clear_line(data_dir: Path, command: list[str]) -> None:
     with open(data_dir / "htpasswd", "ab") as f:
         f.write(b"caf\xe9:!\n")
-    result = trackgate(data_dir, "users", *command, stdin="first-pw\n")
+    result = cli(data_dir, "users", *command, stdin="first-pw\n")
     assert result.returncode == 1
     assert "line 2 is not valid UTF-8" in result.stderr
     assert "Traceback" not in result.stderr
@@ -265,7 +257,7 @@ def test_invalid_utf8_in_the_file_is_one_clear_line(data_dir: Path, command: lis
 
 def test_a_name_starting_with_hash_is_refused_not_written_as_a_comment(data_dir: Path) -> None:
     before = _htpasswd(data_dir)
-    result = trackgate(data_dir, "users", "add", "#x", "--password-stdin", stdin="pw\n")
+    result = cli(data_dir, "users", "add", "#x", "--password-stdin", stdin="pw\n")
     assert result.returncode == 1
     assert "starts with '#'" in result.stderr
     assert _htpasswd(data_dir) == before
@@ -273,31 +265,31 @@ def test_a_name_starting_with_hash_is_refused_not_written_as_a_comment(data_dir:
 
 def test_nfc_and_nfd_spellings_are_one_account(data_dir: Path) -> None:
     nfc, nfd = "jos\u00e9", "jose\u0301"
-    added = trackgate(data_dir, "users", "add", nfd, "--password-stdin", stdin="pw1\n")
+    added = cli(data_dir, "users", "add", nfd, "--password-stdin", stdin="pw1\n")
     assert added.returncode == 0, added.stderr
     assert f"{nfc}:" in _htpasswd(data_dir) and nfd not in _htpasswd(data_dir)
-    twin = trackgate(data_dir, "users", "add", nfc, "--password-stdin", stdin="pw2\n")
+    twin = cli(data_dir, "users", "add", nfc, "--password-stdin", stdin="pw2\n")
     assert twin.returncode == 1 and "exists" in twin.stderr
     assert (
-        trackgate(data_dir, "users", "set", nfc, "--password-stdin", stdin="pw1\n").stdout
+        cli(data_dir, "users", "set", nfc, "--password-stdin", stdin="pw1\n").stdout
         == f"unchanged: {nfc}\n"
     )
     for name in (nfc, nfd):
-        verify = trackgate(data_dir, "users", "verify", name, "--password-stdin", stdin="pw1\n")
+        verify = cli(data_dir, "users", "verify", name, "--password-stdin", stdin="pw1\n")
         assert verify.returncode == 0, verify.stderr
     assert (
-        trackgate(data_dir, "users", "passwd", nfd, "--password-stdin", stdin="pw3\n").returncode
+        cli(data_dir, "users", "passwd", nfd, "--password-stdin", stdin="pw3\n").returncode
         == 0
     )
-    assert trackgate(data_dir, "users", "remove", nfd).returncode == 0
-    assert trackgate(data_dir, "users", "list").stdout == "alice\n"
+    assert cli(data_dir, "users", "remove", nfd).returncode == 0
+    assert cli(data_dir, "users", "list").stdout == "alice\n"
 
 
 def test_a_name_written_decomposed_by_hand_can_still_be_removed(data_dir: Path) -> None:
     with open(data_dir / "htpasswd", "a") as f:
         f.write("jose\u0301:!\n")
-    assert trackgate(data_dir, "users", "remove", "jose\u0301").returncode == 0
-    assert trackgate(data_dir, "users", "list").stdout == "alice\n"
+    assert cli(data_dir, "users", "remove", "jose\u0301").returncode == 0
+    assert cli(data_dir, "users", "list").stdout == "alice\n"
 
 
 @pytest.mark.parametrize(
@@ -311,7 +303,7 @@ def test_a_name_written_decomposed_by_hand_can_still_be_removed(data_dir: Path) 
     ],
 )
 def test_look_alike_names_are_warned_about(data_dir: Path, name: str, warning: str) -> None:
-    result = trackgate(data_dir, "users", "add", name, "--password-stdin", stdin="pw\n")
+    result = cli(data_dir, "users", "add", name, "--password-stdin", stdin="pw\n")
     assert result.returncode == 0, result.stderr
     assert f"trackgate: warning: username {name!r} {warning}"[:60] in result.stderr
     assert warning in result.stderr
@@ -320,5 +312,5 @@ def test_look_alike_names_are_warned_about(data_dir: Path, name: str, warning: s
 
 def test_plain_names_get_no_warning(data_dir: Path) -> None:
     for name in ("bob", "zoë", "müller-2", "\u5f20\u4f1f"):
-        result = trackgate(data_dir, "users", "add", name, "--password-stdin", stdin="pw\n")
+        result = cli(data_dir, "users", "add", name, "--password-stdin", stdin="pw\n")
         assert result.returncode == 0 and result.stderr == "", (name, result.stderr)
