@@ -11,16 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
+from trackgate.local.probe import internal_connection
 from trackgate.local.supervisor import state_file
 
 from .support import RunningStack, fresh_source_ip
 
 
 def gateway_stats(stack: RunningStack) -> dict[str, int]:
-    # The gateway's own loopback port: operators' view, never exposed by nginx.
-    url = f"http://{stack.settings.gateway_address}/stats"
-    return requests.get(url, timeout=10).json()  # type: ignore[no-any-return]
+    # The gateway's own socket: operators' view, never exposed by nginx.
+    conn = internal_connection(stack.settings.gateway_address, timeout=10)
+    try:
+        conn.request("GET", "/stats")
+        return json.loads(conn.getresponse().read())  # type: ignore[no-any-return]
+    finally:
+        conn.close()
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
