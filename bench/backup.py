@@ -80,6 +80,7 @@ def _rate(nbytes: int, seconds: float) -> str:
 
 
 def run(runs: int, steps: int, artifact_mib: int, keep: bool) -> str:
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="trackgate-bench-backup-"))
     os.chmod(work, 0o711)  # as root, the service account passes through to the data dirs
     rows: dict[str, Any] = {}
@@ -133,7 +134,8 @@ def run(runs: int, steps: int, artifact_mib: int, keep: bool) -> str:
             f"- Command: `.venv/bin/python -m bench.backup --runs {runs} --steps {steps} "
             f"--artifact-mib {artifact_mib}`",
             f"- Machine: `nproc` {os.cpu_count()}, {platform.platform()}; sqlite store, local "
-            "artifacts, archive on the same disk",
+            "artifacts, archive on the same disk; load average (1 min) "
+            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (a shared machine)",
             f"- Store: {rows['runs']:,} runs, {rows['metric rows']:,} metric rows, database file "
             f"{rows['database file']}, {rows['artifacts']}; archive {rows['archive']}",
             "",

@@ -400,13 +400,15 @@ def _settings_text(settings: Settings) -> str:
 
 
 def _snapshot_database(
-    settings: Settings, workdir: Path
+    settings: Settings, workdir: Path, say: Say
 ) -> tuple[Path, str, dict[str, Any], str | None, float]:
     """(file, member, table summary, schema revision, snapshot start time)."""
     started = time.time()
     sqlite_file = settings.sqlite_path
     if sqlite_file is not None:
         raw = database.backup(settings, workdir / "mlflow.db")
+        if time.time() - started > PROGRESS_EVERY_S:
+            say(f"backup: database snapshot ({human(raw.stat().st_size)}) taken")
         with _Db(f"sqlite:///{raw}") as db:
             tables, revision = db.content(), db.schema_revision()
         packed = workdir / "mlflow.db.gz"
@@ -465,7 +467,7 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
         with _disk_errors(f"writing {output}"):
             # The database first, as one snapshot.
             db_file, db_member, tables, revision, snap_started = _snapshot_database(
-                settings, workdir
+                settings, workdir, say
             )
             snap_done = time.time()
             # Then the files, listed after the snapshot: an artifact acknowledged before it is
@@ -1265,11 +1267,15 @@ def _verify(
                 stack.down(scratch)
             if live is not None and compare_live:
                 say("verify: comparing with the live database ...")
-                live_tables = content_summary(live.database_uri)
+                live_uri = live.database_uri
+                if live.sqlite_path is not None:
+                    # Read an online copy: a long read of the live file could hold up writers.
+                    live_uri = f"sqlite:///{database.backup(live, root / 'live.db')}"
+                live_tables = content_summary(live_uri)
                 table_diffs = _compare_tables("live server", live_tables, restored)
                 differences += table_diffs
                 differing = [d.split(":")[0].removeprefix("table ") for d in table_diffs]
-                differences += _row_differences(scratch.database_uri, live.database_uri, differing)
+                differences += _row_differences(scratch.database_uri, live_uri, differing)
                 checked.append("the live database")
     finally:
         shutil.rmtree(root, ignore_errors=True)
