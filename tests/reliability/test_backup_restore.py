@@ -132,6 +132,25 @@ def test_archive_is_private_and_its_manifest_describes_every_member(
     assert "TRACKGATE_HOSTNAME=localhost\n" in settings_text
 
 
+def test_every_secret_and_other_file_of_the_data_dir_is_in_the_archive(
+    live: Live, under_writes: UnderWrites
+) -> None:
+    """Whatever provisioning writes (secret keys...) is archived, runtime state is not."""
+    data = live.stack.settings.data_dir
+    runtime = {"run", "logs", "backups", "serving", "artifacts", "tls", "mlflow.db", "htpasswd"}
+    expected = set()
+    for path in data.rglob("*"):
+        top = path.relative_to(data).parts[0]
+        if top in runtime or top.startswith(("mlflow.db", ".htpasswd", "htpasswd")):
+            continue
+        if path.is_file() and path.stat().st_mtime < under_writes.started:
+            expected.add(f"data/{path.relative_to(data).as_posix()}")
+    members = set(under_writes.manifest["members"])
+    assert expected <= members
+    runtime_members = [m for m in members if m.startswith(("data/run/", "data/logs/"))]
+    assert not runtime_members
+
+
 def test_restored_stack_is_identical_by_content(
     live: Live, under_writes: UnderWrites, tmp_path: Path
 ) -> None:
