@@ -173,7 +173,7 @@ def test_a_dead_gateway_fails_closed_then_recovers(stack: RunningStack) -> None:
     time.sleep(0.5)
     during = stack.get("/version", auth=user)
     assert during.status_code >= 500, "no request may pass while the gateway is down"
-    assert stack.get("/health").status_code == 200  # MLflow itself is fine
+    # /health now covers the gateway too (tests/reliability/test_supervisor_kills.py).
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if stack.get("/version", auth=user).status_code == 200:

@@ -131,6 +131,8 @@ def up(**values: Any) -> None:
     if result.already_running:
         click.echo(f"trackgate is already running at {result.url}")
         return
+    if result.cleaned:
+        click.echo(f"stopped {result.cleaned} process(es) a killed supervisor had left", err=True)
     click.echo(f"trackgate is running at {result.url}")
     if result.admin_password:
         click.echo(f"\nCreated user '{provision.ADMIN}' with password: {result.admin_password}")
@@ -161,12 +163,16 @@ def status(**values: Any) -> None:
     state = stack.status(settings)
     if not state.running:
         click.echo("trackgate is not running (start it with `trackgate up`)")
+        if state.leftovers:
+            click.echo(f"  {state.health}")
         sys.exit(3)
     click.echo(f"trackgate is running at {settings.public_url} (supervisor pid {state.pid})")
-    for name, info in state.children.items():
-        click.echo(f"  {name:9} pid {info.get('pid')}  restarts {info.get('restarts')}")
+    for name, problem in state.components.items():
+        info = state.children.get(name, {})
+        click.echo(f"  {name:9} pid {info.get('pid')}  restarts {info.get('restarts')}  "
+                   f"{'ok' if problem is None else 'DOWN: ' + problem}")
     click.echo(f"  health    {state.health}")
-    if state.health != "healthy":
+    if not state.healthy:
         sys.exit(1)
 
 
@@ -389,12 +395,30 @@ def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> N
 
 
 @cli.command("supervise", hidden=True)
+@setting_options("data_dir")
 @_guard
-def supervise_cmd() -> None:
+def supervise_cmd(**values: Any) -> None:
     """Run the local supervisor (started by `trackgate up`)."""
     from .local.supervisor import supervise
 
-    sys.exit(supervise(_settings({})))
+    sys.exit(supervise(_settings(values)))
+
+
+@cli.group("logs")
+def logs_group() -> None:
+    """The logs of `trackgate up` (data_dir/logs)."""
+
+
+@logs_group.command("rotate")
+@setting_options("data_dir")
+@_guard
+def logs_rotate(**values: Any) -> None:
+    """Rotate the logs now: each is renamed to NAME.1 (older copies shift, TRACKGATE_LOG_KEEP
+    are kept) and every server reopens its file, so no line is lost. The supervisor also does
+    this by itself when a log passes TRACKGATE_LOG_MAX_BYTES."""
+    settings = stack.recorded_settings(_settings(values))
+    stack.rotate_logs(settings)
+    click.echo(f"rotated the logs in {settings.logs}")
 
 
 @cli.command("prepare")
@@ -490,8 +514,13 @@ def db() -> None:
 @setting_options("data_dir", "backend_store_uri")
 @_guard
 def db_upgrade(**values: Any) -> None:
-    """Create or upgrade the schema to this MLflow version (sqlite is backed up first)."""
-    outcome = database.ensure_schema(_settings(values), allow_upgrade=True)
+    """Create or upgrade the schema to this MLflow version: the database is backed up first
+    (data_dir/backups), and the upgrade runs under a lock, once (a second caller waits, then
+    finds it current). `trackgate up` refuses an old schema until this has run."""
+    settings = _settings(values)
+    outcome = database.ensure_schema(settings, allow_upgrade=True)
+    if outcome == "upgraded" and accounts.running_as_root():
+        database.give_back(settings)
     click.echo(f"database schema {outcome}")
 
 

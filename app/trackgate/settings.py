@@ -176,6 +176,17 @@ class Settings(BaseSettings):
     log_dir: Path | None = Field(
         default=None, description="Where logs go; default data_dir/logs ('-' for stderr)."
     )
+    log_max_bytes: int = Field(
+        default=50_000_000,
+        ge=0,
+        description=(
+            "`trackgate up` rotates its logs when one grows past this size (0: only on "
+            "`trackgate logs rotate`)."
+        ),
+    )
+    log_keep: int = Field(
+        default=5, ge=1, description="Rotated copies kept of each log (name.1 is the newest)."
+    )
 
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod

@@ -50,6 +50,7 @@ class HtpasswdWatcher:
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.problem: str | None = None  # why no user is accepted (for /healthz)
 
     def hash_for(self, username: str) -> str | None:
         try:
@@ -63,11 +64,14 @@ class HtpasswdWatcher:
                     data = self.path.read_bytes() if stamp else b""
                     # Only bcrypt lines: `!`, `*` and legacy hashes are disabled accounts.
                     self._users = enabled_users(decode(data, self.path))
+                    self.problem = None
                 except FileNotFoundError:
                     self._users = {}
-                except UserError as exc:  # fail closed: nobody logs in until it is fixed
+                    self.problem = None
+                except (UserError, OSError) as exc:  # fail closed until it is fixed
                     _log.error("no users accepted: %s", exc)
                     self._users = {}
+                    self.problem = f"no users accepted: {exc}"
                 self._stamp = stamp
         return self._users.get(username)
 
@@ -121,7 +125,11 @@ class Gateway:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
+        if path == "/healthz":  # unhealthy while the htpasswd file cannot be read
+            self.users.hash_for("")
+            if self.users.problem:
+                body = self.users.problem.encode()
+                return _answer(start_response, "503 Service Unavailable", body=body)
             return _answer(start_response, "200 OK", body=b"OK")
         if path == "/stats":
             body = json.dumps({**self.stats, "cached_credentials": len(self.cache)}).encode()
