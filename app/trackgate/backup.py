@@ -1023,7 +1023,8 @@ def _scratch_settings(
 
 @contextlib.contextmanager
 def _isolated_environment(cwd: Path) -> Iterator[None]:
-    """No TRACKGATE_* variable or .env of the caller reaches the scratch stack's processes."""
+    """No TRACKGATE_* variable of the caller reaches the scratch stack's processes (which get
+    every setting that matters explicitly), and they run from the scratch dir."""
     saved = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
     old_cwd = Path.cwd()
     for key in saved:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from . import accounts, client, database, nginx, provision, tls
 from .local import stack
+from .roles import DEFAULT_ROLE, ROLES, RolesStore, roles_path
 from .settings import ENV_PREFIX, Settings, SettingsFileError, load_settings
 from .users import (
     HtpasswdStore,
@@ -195,18 +196,47 @@ password_stdin_option = click.option(
 )
 
 
+def _roles(values: dict[str, Any]) -> RolesStore:
+    return RolesStore(roles_path(_settings(values)))
+
+
+role_option = click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default=DEFAULT_ROLE,
+    show_default=True,
+    help="viewer reads only; editor creates and logs, and changes what they own; admin all.",
+)
+
+
 @users.command("add")
 @click.argument("name")
 @password_stdin_option
+@role_option
 @setting_options(*USER_OPTIONS)
 @_guard
-def users_add(name: str, password_stdin: bool, **values: Any) -> None:
-    """Add user NAME (password from a double prompt or --password-stdin)."""
+def users_add(name: str, password_stdin: bool, role: str, **values: Any) -> None:
+    """Add user NAME with ROLE (password from a double prompt or --password-stdin)."""
     store = _store(values)
     name = validate_username(normalize_username(name))
     _warn_lookalike(store, name)
     store.add(name, read_password(from_stdin=password_stdin, new=True))
-    click.echo(f"added {name}")
+    _roles(values).set(name, role)
+    click.echo(f"added {name} ({role})")
+
+
+@users.command("set-role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(ROLES))
+@setting_options(*USER_OPTIONS)
+@_guard
+def users_set_role(name: str, role: str, **values: Any) -> None:
+    """Give NAME the ROLE viewer, editor or admin (applies on their next request)."""
+    entry = _store(values).find(name)
+    if entry is None:
+        raise UserError(f"no user {name!r}; use `trackgate users add {name} --role {role}`")
+    _roles(values).set(entry.name, role)
+    click.echo(f"{entry.name} is now {role}")
 
 
 def _warn_lookalike(store: HtpasswdStore, name: str) -> None:
@@ -251,6 +281,7 @@ def users_set(name: str, password_stdin: bool, **values: Any) -> None:
 def users_remove(name: str, **values: Any) -> None:
     """Remove user NAME; their next request is refused."""
     _store(values).remove(name)
+    _roles(values).remove(name)
     click.echo(f"removed {name}")
 
 
@@ -258,13 +289,15 @@ def users_remove(name: str, **values: Any) -> None:
 @setting_options(*USER_OPTIONS)
 @_guard
 def users_list(**values: Any) -> None:
-    """List the user names; accounts without a bcrypt hash are marked disabled."""
+    """List the users and their roles; accounts without a bcrypt hash are marked disabled."""
     store = _store(values)
+    roles = _roles(values)
     for entry in sorted(store.entries(), key=lambda e: e.name):
+        role = roles.role_of(entry.name)
         if entry.enabled:
-            click.echo(entry.name)
+            click.echo(f"{entry.name}  {role}")
             continue
-        click.echo(f"{entry.name} (disabled)")
+        click.echo(f"{entry.name}  {role} (disabled)")
         click.echo(
             f"trackgate: warning: {store.path} line {entry.line} ({entry.name}): not a bcrypt "
             f"hash, so the account is disabled; `trackgate users passwd {entry.name}` enables it",
@@ -289,6 +322,48 @@ def users_verify(name: str, password_stdin: bool, **values: Any) -> None:
     if not store.verify(name, read_password(from_stdin=password_stdin, new=False)):
         _fail(f"wrong password or no user {name!r}")
     click.echo("ok")
+
+
+# --- audit log ------------------------------------------------------------------------------
+
+
+@cli.command("audit")
+@click.option("--user", "-u", "user", help="Only this user's lines.")
+@click.option("--since", help="Only lines since this time: 30m, 2h, 7d ago or an ISO time (UTC).")
+@click.option("--action", help="Only actions containing this text (create_run, alias, login...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON lines as stored.")
+@setting_options("data_dir")
+@_guard
+def audit_cmd(
+    user: str | None, since: str | None, action: str | None, as_json: bool, **values: Any
+) -> None:
+    """Read the audit log: every write and every password check, one line each."""
+    from . import audit
+
+    settings = _settings(values)
+    path = audit.audit_path(settings)
+    if path is None:
+        raise UserError("logs go to stderr (TRACKGATE_LOG_DIR=-): read the audit lines there")
+    try:
+        moment = audit.parse_since(since) if since else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    user = normalize_username(user) if user else None
+    for event in audit.read_events(path, user=user, since=moment, action=action):
+        if as_json:
+            click.echo(json.dumps(event, ensure_ascii=False))
+            continue
+        ids = " ".join(
+            f"{key}={event[key]}"
+            for key in ("experiment_id", "run_id", "model", "version")
+            if key in event
+        )
+        click.echo(
+            f"{event.get('time', '?')}  {event.get('user') or '-'} ({event.get('role') or '-'})  "
+            f"{event.get('action', '?')}  {event.get('status', '?')}  "
+            f"{event.get('method') or ''} {event.get('path') or ''}  "
+            f"ip={event.get('client_ip') or '-'}  {ids}".rstrip()
+        )
 
 
 # --- client side ----------------------------------------------------------------------------

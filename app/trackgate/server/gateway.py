@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..audit import AuditLog, audit_path
+from ..roles import RolesWatcher, roles_path
 from ..settings import Settings
 from ..users import UserError, decode, enabled_users, hash_password, normalize_username, verify_hash
 from .credentials import CredentialCache
 from .throttle import LoginThrottle
 
 USER_HEADER = "X-Trackgate-User"
+ROLE_HEADER = "X-Trackgate-Role"  # viewer, editor or admin (roles.py); nginx passes it on
 THROTTLED_HEADER = "X-Trackgate-Throttled"  # why a 403 (429 for the client), for its body
 REALM = "trackgate"
 _log = logging.getLogger("trackgate.gateway")
@@ -98,6 +101,9 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.users = HtpasswdWatcher(settings.htpasswd)
+        self.roles = RolesWatcher(roles_path(settings))
+        # Logins checked with bcrypt (not the cached ones: those are every request) go here.
+        self.audit = AuditLog(audit_path(settings))
         self.cache = CredentialCache(settings.cache_size, settings.cache_ttl)
         self.throttle = LoginThrottle(settings.failure_limit, settings.failure_window)
         # bcrypt runs on its own few threads at the lowest CPU priority: a flood of guesses gets
@@ -144,12 +150,13 @@ class Gateway:
         current_hash = self.users.hash_for(username)
         if current_hash is not None and self.cache.hit(username, password, current_hash):
             self._count("cache_hits", "allowed")
-            return _allow(start_response, username)
+            return _allow(start_response, username, self.roles.role_for(username))
 
         client_ip = environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", "")
         refusal = self.throttle.check(client_ip, username)
         if refusal is not None:
             self._count("throttled")
+            self._audit_login(environ, username, "login_throttled", 429)
             return _throttled(start_response, refusal.retry_after, refusal.reason)
         verdict = self._check(password, current_hash)
         if verdict is None:
@@ -159,10 +166,29 @@ class Gateway:
             self.cache.add(username, password, current_hash)
             self.throttle.record_success(client_ip, username)
             self._count("allowed")
-            return _allow(start_response, username)
+            role = self.roles.role_for(username)
+            self._audit_login(environ, username, "login", 204, role)
+            return _allow(start_response, username, role)
         self.throttle.record_failure(client_ip, username)
         self._count("refused")
+        self._audit_login(environ, username, "login_failed", 401)
         return _challenge(start_response)
+
+    def _audit_login(
+        self, environ: dict[str, Any], username: str, action: str, status: int,
+        role: str | None = None,
+    ) -> None:
+        self.audit.write({
+            "event": "login",
+            "user": username,
+            "role": role,
+            "client_ip": environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", ""),
+            "method": environ.get("HTTP_X_ORIGINAL_METHOD"),
+            "path": environ.get("HTTP_X_ORIGINAL_URI"),
+            "status": status,
+            "action": action,
+            "request_id": environ.get("HTTP_X_REQUEST_ID"),
+        })
 
     def _count(self, *names: str) -> None:
         with self._stats_lock:
@@ -203,9 +229,10 @@ def _answer(
     return [body]
 
 
-def _allow(start_response: StartResponse, username: str) -> list[bytes]:
+def _allow(start_response: StartResponse, username: str, role: str) -> list[bytes]:
     # Latin-1 is all an HTTP header can carry; other names are percent-encoded.
-    return _answer(start_response, "204 No Content", [(USER_HEADER, quote(username, safe=""))])
+    headers = [(USER_HEADER, quote(username, safe="")), (ROLE_HEADER, role)]
+    return _answer(start_response, "204 No Content", headers)
 
 
 def _challenge(start_response: StartResponse) -> list[bytes]:
