@@ -25,7 +25,7 @@ if [[ "${1:-}" != --rebuild ]] && image_exists "$BASE_IMAGE"; then
   log "$BASE_IMAGE present"
   exit 0
 fi
-apt_install debootstrap
+command -v debootstrap >/dev/null || apt_install debootstrap
 
 # The host's mirror for the suite, and the sources file it comes from (apt resolves both; no
 # parsing of sources files here).

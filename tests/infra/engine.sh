@@ -22,7 +22,8 @@ our_dockerd() {
 }
 
 start() {
-  apt_install docker.io
+  # Debian's engine unless one is installed already (e.g. docker-ce).
+  command -v dockerd >/dev/null || apt_install docker.io
   docker_ok && return 0
   if [[ -d /run/systemd/system ]]; then
     log "starting docker.service"
