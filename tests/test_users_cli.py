@@ -204,12 +204,12 @@ def test_non_bcrypt_lines_are_listed_as_disabled_with_their_line_numbers(data_di
     result = cli(data_dir, "users", "list")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "alice",
-        "apr (disabled)",
-        "bang (disabled)",
-        "legacy (disabled)",
-        "plain (disabled)",
-        "star (disabled)",
+        "alice  editor",
+        "apr  editor (disabled)",
+        "bang  editor (disabled)",
+        "legacy  editor (disabled)",
+        "plain  editor (disabled)",
+        "star  editor (disabled)",
     ]
     for number, name in [(2, "bang"), (3, "star"), (4, "legacy"), (5, "apr"), (6, "plain")]:
         assert f"line {number} ({name}): not a bcrypt hash" in result.stderr
@@ -238,7 +238,7 @@ def test_passwd_turns_a_disabled_account_into_a_bcrypt_one(data_dir: Path) -> No
         == 0
     )
     assert HtpasswdStore(data_dir / "htpasswd").verify("bang", "new-pw")
-    assert cli(data_dir, "users", "list").stdout.splitlines() == ["alice", "bang"]
+    assert cli(data_dir, "users", "list").stdout.splitlines() == ["alice  editor", "bang  editor"]
 
 
 @pytest.mark.parametrize(
@@ -282,14 +282,14 @@ def test_nfc_and_nfd_spellings_are_one_account(data_dir: Path) -> None:
         == 0
     )
     assert cli(data_dir, "users", "remove", nfd).returncode == 0
-    assert cli(data_dir, "users", "list").stdout == "alice\n"
+    assert cli(data_dir, "users", "list").stdout == "alice  editor\n"
 
 
 def test_a_name_written_decomposed_by_hand_can_still_be_removed(data_dir: Path) -> None:
     with open(data_dir / "htpasswd", "a") as f:
         f.write("jose\u0301:!\n")
     assert cli(data_dir, "users", "remove", "jose\u0301").returncode == 0
-    assert cli(data_dir, "users", "list").stdout == "alice\n"
+    assert cli(data_dir, "users", "list").stdout == "alice  editor\n"
 
 
 @pytest.mark.parametrize(

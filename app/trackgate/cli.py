@@ -222,7 +222,7 @@ def users_add(name: str, password_stdin: bool, role: str, **values: Any) -> None
     _warn_lookalike(store, name)
     store.add(name, read_password(from_stdin=password_stdin, new=True))
     _roles(values).set(name, role)
-    click.echo(f"added {name} ({role})")
+    click.echo(f"added {name}")
 
 
 @users.command("set-role")

@@ -21,11 +21,19 @@ ADMIN = "admin"
 
 def ensure_admin(settings: Settings) -> str | None:
     """Create the admin user with a generated password if there are no users yet; return it."""
+    from .roles import ADMIN as ADMIN_ROLE
+    from .roles import RolesStore, roles_path
+
     store = HtpasswdStore(settings.htpasswd, settings.bcrypt_rounds)
+    roles = RolesStore(roles_path(settings))
     if store.list():
+        # Installs from before roles: their first admin keeps administering.
+        if not roles.path.exists() and store.find(ADMIN) is not None:
+            roles.ensure_default(ADMIN, ADMIN_ROLE)
         return None
     password = secrets.token_urlsafe(18)
     store.add(ADMIN, password)
+    roles.set(ADMIN, ADMIN_ROLE)
     return password
 
 

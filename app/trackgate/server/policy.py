@@ -21,8 +21,11 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .access import Access
 
 StartResponse = Callable[..., Any]
 USER_ENVIRON = "HTTP_X_TRACKGATE_USER"  # set by nginx from the gateway's answer, never a client
@@ -39,9 +42,15 @@ READ_ONLY_GRAPHQL_MUTATIONS = frozenset(
 class PolicyViolation(Exception):
     """A request the policy refuses; the message is shown to the client."""
 
-    def __init__(self, message: str, status: str = "400 Bad Request") -> None:
+    def __init__(
+        self,
+        message: str,
+        status: str = "400 Bad Request",
+        error_code: str = "INVALID_PARAMETER_VALUE",
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.error_code = error_code
 
 
 @dataclass
@@ -260,11 +269,13 @@ class Policy:
         url_map: Any = None,
         rules: dict[str, Rule] | None = None,
         artifact_root: str = DEFAULT_ARTIFACT_ROOT,
+        access: Access | None = None,
     ) -> None:
         self.app = app
         self.url_map = url_map if url_map is not None else app.url_map
         self.rules = RULES if rules is None else rules
         self.artifact_root = artifact_root
+        self.access = access  # roles, owners, stamping and audit (see access.py)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         from werkzeug.exceptions import HTTPException
@@ -278,6 +289,8 @@ class Policy:
         except Exception:  # a request Flask could not route either: fail closed
             return _error(start_response, PolicyViolation("the request could not be routed"))
         rule = self.rules.get(endpoint)
+        if self.access is not None:
+            return self.access.handle(self, endpoint, view_args, rule, environ, start_response)
         if rule is None:
             return self.app(environ, start_response)
         user = environ.get(USER_ENVIRON)
@@ -291,23 +304,23 @@ class Policy:
         return self.app(environ, start_response)
 
 
-def _read_json_body(environ: dict[str, Any]) -> Any:
+def _read_json_body(environ: dict[str, Any], limit: int = MAX_CHECKED_BODY) -> Any:
     """The body parsed as MLflow parses it (Flask's get_json, then once more if it was a JSON
     string); the stream is replaced so MLflow reads the very same bytes."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise PolicyViolation("invalid Content-Length") from None
-    if length > MAX_CHECKED_BODY:
+    if length > limit:
         raise PolicyViolation("request body too large for this endpoint", "413 Content Too Large")
     stream = environ.get("wsgi.input")
     if stream is None:
         data = b""
     elif environ.get("wsgi.input_terminated"):  # gunicorn: reads end at the body's end
-        data = stream.read(MAX_CHECKED_BODY + 1)
+        data = stream.read(limit + 1)
     else:
         data = stream.read(length) if length > 0 else b""
-    if len(data) > MAX_CHECKED_BODY:
+    if len(data) > limit:
         raise PolicyViolation("request body too large for this endpoint", "413 Content Too Large")
     environ["wsgi.input"] = io.BytesIO(data)
     environ["CONTENT_LENGTH"] = str(len(data))
@@ -324,8 +337,16 @@ def _read_json_body(environ: dict[str, Any]) -> Any:
     return body
 
 
+def _replace_json_body(environ: dict[str, Any], body: Any) -> None:
+    """Hand MLflow BODY instead of what the client sent (server-stamped fields)."""
+    data = json.dumps(body).encode()
+    environ["wsgi.input"] = io.BytesIO(data)
+    environ["CONTENT_LENGTH"] = str(len(data))
+    environ["CONTENT_TYPE"] = "application/json"
+
+
 def _error(start_response: StartResponse, exc: PolicyViolation) -> list[bytes]:
-    body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": str(exc)}).encode()
+    body = json.dumps({"error_code": exc.error_code, "message": str(exc)}).encode()
     start_response(
         exc.status,
         [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],

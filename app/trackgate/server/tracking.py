@@ -34,14 +34,18 @@ def mlflow_environment(settings: Settings) -> dict[str, str]:
     }
 
 
-def _load_mlflow() -> Any:
-    """MLflow's Flask app behind trackgate's policy layer (see policy.py)."""
+def _load_mlflow(settings: Settings | None = None) -> Any:
+    """MLflow's Flask app behind trackgate's policy layer (see policy.py), with roles, owners,
+    stamped authors and the audit log (access.py)."""
     from mlflow.server import app
 
+    from ..audit import AuditLog, audit_path
+    from .access import Access
     from .policy import Policy
 
     root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", "mlflow-artifacts:/")
-    return Policy(app, artifact_root=root)
+    access = Access(AuditLog(audit_path(settings or Settings())))
+    return Policy(app, artifact_root=root, access=access)
 
 
 def run(settings: Settings) -> None:
@@ -57,4 +61,4 @@ def run(settings: Settings) -> None:
         passphrase = ensure_kek_passphrase(settings)
         if passphrase:
             os.environ[KEK_PASSPHRASE_ENV] = passphrase
-    GunicornApp(_load_mlflow, tracking_options(settings)).run()
+    GunicornApp(lambda: _load_mlflow(settings), tracking_options(settings)).run()

@@ -1,0 +1,476 @@
+"""Roles, owners, server-stamped authors and the audit log, in trackgate's policy layer.
+
+The gateway vouches for the user (``X-Trackgate-User``) and their role (``X-Trackgate-Role``);
+nginx drops any client copy of both. Here every request MLflow's URL map routes is classified
+by its endpoint (handler) name and method:
+
+- **reads**: GET, HEAD, OPTIONS, and the POST endpoints in ``READ_POSTS`` (searches and the
+  like). Everyone may read; reads pass with one set lookup.
+- **writes**: everything else, each with a kind in ``WRITE_KINDS``: ``editor`` (any editor),
+  ``run``/``experiment``/``model``/``artifact`` (an editor who owns the run, experiment or
+  registered model), ``admin``. An endpoint missing from the table (a new MLflow version) is
+  admin-only until someone classifies it (tests/security/test_roles.py walks MLflow's list).
+
+Owners are recorded by the server itself: a run's ``user_id`` (stamped here from the verified
+user, whatever the client sends), and a ``trackgate.owner`` tag that the server puts on every
+new experiment and registered model. Model versions get a ``trackgate.author`` tag and their
+``user_id`` column set to the verified user.
+
+A refusal is a 403 in MLflow's error format (``PERMISSION_DENIED``) that names the user, the
+role and the action. Every write, allowed or refused, is one JSON line in the audit log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+from ..audit import AuditLog
+from ..roles import ADMIN, EDITOR, ROLES, VIEWER
+from .policy import (
+    USER_ENVIRON,
+    Call,
+    PolicyViolation,
+    Rule,
+    StartResponse,
+    _error,
+    _field_values,
+    _read_json_body,
+    _replace_json_body,
+)
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+ROLE_ENVIRON = "HTTP_X_TRACKGATE_ROLE"
+REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"
+OWNER_TAG = "trackgate.owner"
+AUTHOR_TAG = "trackgate.author"
+USER_TAG = "mlflow.user"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# log-batch bodies can be large; nginx's JSON body cap (TRACKGATE_MAX_API_BODY) bounds them.
+MAX_WRITE_BODY = 256 * 1024 * 1024
+
+# POST endpoints that only read (MLflow 3.17). graphql's mutations are filtered by its own rule
+# in policy.py (only read-only mutations pass); ui-telemetry stores no tracking data.
+READ_POSTS = frozenset(
+    {
+        "_search_experiments",
+        "_search_runs",
+        "_search_logged_models",
+        "_search_traces_v3",
+        "_search_issues",
+        "_search_prompt_optimization_jobs",
+        "_search_evaluation_datasets_handler",
+        "serve_search_datasets",
+        "_get_latest_versions",
+        "_create_presigned_download_url",
+        "_batch_get_trace_infos",
+        "_query_trace_metrics",
+        "_calculate_trace_filter_correlation",
+        "_not_implemented",
+        "_graphql",
+        "serve_post_ui_telemetry",
+    }
+)
+
+_EDITOR = (
+    # creating things (the server records the creator as owner)
+    "_create_experiment _create_run serve_create_promptlab_run _create_registered_model "
+    # traces, logged models, evaluation: no owner recorded, any editor
+    "_start_trace_v3 _deprecated_start_trace_v2 _deprecated_end_trace_v2 _set_trace_tag "
+    "_set_trace_tag_v3 _delete_trace_tag _delete_trace_tag_v3 _delete_traces "
+    "_link_prompts_to_trace _create_assessment _update_assessment _delete_assessment "
+    "_create_logged_model _finalize_logged_model _delete_logged_model _set_logged_model_tags "
+    "_delete_logged_model_tag _log_logged_model_params "
+    "_create_issue _update_issue _invoke_issue_detection_handler "
+    "_create_label_schema _update_label_schema _delete_label_schema "
+    "_create_dataset_handler _delete_dataset_handler _set_dataset_tags_handler "
+    "_delete_dataset_tag_handler _upsert_dataset_records_handler _delete_dataset_records_handler "
+    "_add_dataset_to_experiments_handler _remove_dataset_from_experiments_handler "
+    "_register_scorer _delete_scorer _invoke_scorer_handler _invoke_genai_evaluate_handler "
+    "_create_prompt_optimization_job _cancel_prompt_optimization_job "
+    "_delete_prompt_optimization_job "
+    "_create_review_queue _get_or_create_user_queue _update_review_queue _delete_review_queue "
+    "_add_items_to_review_queue _remove_items_from_review_queue _set_review_queue_item_status "
+    "serve_gateway_proxy"
+)
+_RUN = (
+    "_update_run _delete_run _restore_run _log_metric _log_param _set_tag _delete_tag _log_batch "
+    "_log_model _log_inputs _log_outputs _link_traces_to_run _create_presigned_upload_url "
+    "serve_upload_artifact"
+)
+_EXPERIMENT = (
+    "_delete_experiment _restore_experiment _update_experiment _set_experiment_tag "
+    "_delete_experiment_tag"
+)
+_MODEL = (
+    "_rename_registered_model _update_registered_model _delete_registered_model "
+    "_set_registered_model_tag _delete_registered_model_tag _set_registered_model_alias "
+    "_delete_registered_model_alias _create_model_version _update_model_version "
+    "_transition_stage _delete_model_version _set_model_version_tag _delete_model_version_tag"
+)
+_ARTIFACT = (
+    "_upload_artifact _delete_artifact_mlflow_artifacts _create_multipart_upload_artifact "
+    "_complete_multipart_upload_artifact _abort_multipart_upload_artifact"
+)
+# Server-wide configuration, secrets, outgoing calls, other users' jobs, demo data: admins.
+_ADMIN = (
+    "_create_workspace_handler _update_workspace_handler _delete_workspace_handler "
+    "_create_webhook _update_webhook _delete_webhook _test_webhook "
+    "_create_gateway_secret _update_gateway_secret _delete_gateway_secret "
+    "_create_gateway_endpoint _update_gateway_endpoint _delete_gateway_endpoint "
+    "_create_gateway_model_definition _update_gateway_model_definition "
+    "_delete_gateway_model_definition _attach_model_to_gateway_endpoint "
+    "_detach_model_from_gateway_endpoint _create_gateway_endpoint_binding "
+    "_delete_gateway_endpoint_binding _set_gateway_endpoint_tag _delete_gateway_endpoint_tag "
+    "_create_budget_policy _update_budget_policy _delete_budget_policy "
+    "_create_gateway_guardrail _delete_gateway_guardrail _add_guardrail_to_endpoint "
+    "_remove_guardrail_from_endpoint _update_endpoint_guardrail_config "
+    "_upsert_online_scoring_config _cancel_job _generate_demo _delete_demo"
+)
+WRITE_KINDS: dict[str, str] = {
+    **dict.fromkeys(_EDITOR.split(), "editor"),
+    **dict.fromkeys(_RUN.split(), "run"),
+    **dict.fromkeys(_EXPERIMENT.split(), "experiment"),
+    **dict.fromkeys(_MODEL.split(), "model"),
+    **dict.fromkeys(_ARTIFACT.split(), "artifact"),
+    **dict.fromkeys(_ADMIN.split(), "admin"),
+}
+# Writes whose JSON body the access layer reads (owner ids, stamped fields).
+_BODY_KINDS = frozenset({"run", "experiment", "model"})
+_STAMPED = frozenset({"_create_experiment", "_create_run", "serve_create_promptlab_run",
+                      "_create_registered_model"})
+_NO_BODY = frozenset({"serve_upload_artifact"})  # the body is the file; ids in the query
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_write(endpoint: str, method: str) -> bool:
+    return method not in READ_METHODS and endpoint not in READ_POSTS
+
+
+def action_name(endpoint: str) -> str:
+    """`_set_registered_model_alias` -> `set_registered_model_alias` (audit and messages)."""
+    return endpoint.removeprefix("serve_").strip("_").removesuffix("_handler")
+
+
+class Owners:
+    """Who owns a run, experiment or registered model, read from MLflow's own stores.
+
+    Run owners (``user_id``) never change, so they are cached: the log calls of the hot path
+    pay a dict lookup. Experiments and models are read each time (their owner tag can be
+    changed by an admin) -- those writes are rare.
+    """
+
+    def __init__(self, cache_size: int = 20_000) -> None:
+        self._runs: OrderedDict[str, str | None] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _tracking() -> Any:
+        from mlflow.server.handlers import _get_tracking_store
+
+        return _get_tracking_store()
+
+    @staticmethod
+    def _registry() -> Any:
+        from mlflow.server.handlers import _get_model_registry_store
+
+        return _get_model_registry_store()
+
+    def run(self, run_id: str) -> tuple[bool, str | None]:
+        """(exists, owner)."""
+        with self._lock:
+            if run_id in self._runs:
+                self._runs.move_to_end(run_id)
+                return True, self._runs[run_id]
+        try:
+            owner = self._tracking().get_run(run_id).info.user_id or None
+        except Exception:  # no such run: MLflow answers that itself
+            return False, None
+        with self._lock:
+            self._runs[run_id] = owner
+            if len(self._runs) > self._cache_size:
+                self._runs.popitem(last=False)
+        return True, owner
+
+    def experiment(self, experiment_id: str) -> tuple[bool, str | None]:
+        try:
+            experiment = self._tracking().get_experiment(str(experiment_id))
+        except Exception:
+            return False, None
+        return True, (experiment.tags or {}).get(OWNER_TAG)
+
+    def model(self, name: str) -> tuple[bool, str | None]:
+        try:
+            model = self._registry().get_registered_model(name)
+        except Exception:
+            return False, None
+        return True, (model.tags or {}).get(OWNER_TAG)
+
+    def stamp_model_version(self, name: str, version: str, user: str) -> None:
+        """Set the new version's user_id column (MLflow's store never sets it)."""
+        store = self._registry()
+        session_maker = getattr(store, "ManagedSessionMaker", None)
+        if session_maker is None:
+            return
+        from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+
+        with session_maker() as session:
+            session.query(SqlModelVersion).filter(
+                SqlModelVersion.name == name, SqlModelVersion.version == int(version)
+            ).update({"user_id": user})
+
+
+def _forbidden(message: str) -> PolicyViolation:
+    return PolicyViolation(message, "403 Forbidden", "PERMISSION_DENIED")
+
+
+def _strings(body: Any, *names: str) -> list[str]:
+    if not isinstance(body, dict):
+        return []
+    values: list[str] = []
+    for name in names:
+        values.extend(str(v) for v in _field_values(body, name) if v not in (None, ""))
+    return list(dict.fromkeys(values))
+
+
+def _tags(body: dict[str, Any]) -> list[Any]:
+    tags = body.get("tags")
+    return tags if isinstance(tags, list) else []
+
+
+def _without_keys(tags: Iterable[Any], key: str) -> list[Any]:
+    return [t for t in tags if not (isinstance(t, dict) and t.get("key") == key)]
+
+
+class Access:
+    """The role and owner checks, author stamping and audit lines (see the module docstring)."""
+
+    def __init__(self, audit: AuditLog, owners: Owners | None = None) -> None:
+        self.audit = audit
+        self.owners = owners or Owners()
+
+    def handle(
+        self,
+        policy: Policy,
+        endpoint: str,
+        view_args: dict[str, Any],
+        rule: Rule | None,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "")
+        write = is_write(endpoint, method)
+        if not write and rule is None:
+            return policy.app(environ, start_response)  # the read fast path
+        user = unquote(environ.get(USER_ENVIRON) or "") or None
+        role = environ.get(ROLE_ENVIRON, "")
+        if role not in ROLES:
+            role = VIEWER  # a user without a role the gateway vouched for only reads
+        call = Call(endpoint, method, user, view_args, environ=environ)
+        kind = WRITE_KINDS.get(endpoint, "admin") if write else None
+        try:
+            needs_body = (rule is not None and rule.parse_body) or (
+                write and endpoint not in _NO_BODY and (kind in _BODY_KINDS
+                                                        or endpoint in _STAMPED)
+            )
+            if needs_body:
+                call.body = _read_json_body(environ, MAX_WRITE_BODY if rule is None else
+                                            4 * 1024 * 1024)
+            if rule is not None:
+                rule.check(call, policy)
+            if write:
+                self._authorize(call, role, kind or "admin")
+                self._stamp(call)
+        except PolicyViolation as exc:
+            if write or exc.status.startswith("403"):
+                self._log(call, role, int(exc.status[:3]), refused=str(exc))
+            return _error(start_response, exc)
+        if not write:
+            return policy.app(environ, start_response)
+
+        def audited(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            code = int(status[:3])
+            self._log(call, role, code)
+            return start_response(status, headers, *exc_info)
+
+        if endpoint == "_create_model_version" and user is not None:
+            return self._stamped_version(policy, call, environ, audited)
+        return policy.app(environ, audited)
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def _authorize(self, call: Call, role: str, kind: str) -> None:
+        action = action_name(call.endpoint)
+        where = f"{call.method} {call.environ.get('PATH_INFO', '')}"
+        if call.user is None:
+            raise _forbidden(f"{action} ({where}) needs a verified user")
+        self._reserved_tags(call, role, action)
+        if role == ADMIN:
+            return
+        if role != EDITOR:
+            raise _forbidden(
+                f"user {call.user!r} has the role {role!r}, which only reads: {action} ({where}) "
+                "is a write. Ask an admin for the editor role (trackgate users set-role)."
+            )
+        if kind == "editor":
+            return
+        if kind == "admin":
+            raise _forbidden(
+                f"user {call.user!r} has the role 'editor': {action} ({where}) is for admins "
+                "only."
+            )
+        for what, ident, exists, owner in self._owned(call, kind):
+            if exists and owner != call.user:
+                whose = f"its owner {owner!r}" if owner else "its owner (none recorded)"
+                raise _forbidden(
+                    f"user {call.user!r} (role 'editor') may not {action} on {what} {ident!r}: "
+                    f"only {whose} or an admin may."
+                )
+
+    def _owned(self, call: Call, kind: str) -> Iterable[tuple[str, str, bool, str | None]]:
+        body = call.body
+        if kind == "run":
+            ids = _strings(body, "run_id", "run_uuid")
+            if call.endpoint == "serve_upload_artifact":
+                ids = parse_qs(call.environ.get("QUERY_STRING", "")).get("run_uuid", [])
+            for run_id in ids:
+                yield ("run", run_id, *self.owners.run(run_id))
+        elif kind == "artifact":
+            path = str(call.view_args.get("artifact_path", ""))
+            for segment in dict.fromkeys(path.split("/")):
+                if _RUN_ID.fullmatch(segment):
+                    exists, owner = self.owners.run(segment)
+                    if exists:
+                        yield ("the artifacts of run", segment, exists, owner)
+        elif kind == "experiment":
+            for experiment_id in _strings(body, "experiment_id"):
+                yield ("experiment", experiment_id, *self.owners.experiment(experiment_id))
+        elif kind == "model":
+            for name in _strings(body, "name"):
+                yield ("registered model", name, *self.owners.model(name))
+
+    def _reserved_tags(self, call: Call, role: str, action: str) -> None:
+        """Owner and author tags are the server's: only an admin changes them, and nobody
+        removes a run's mlflow.user."""
+        body = call.body if isinstance(call.body, dict) else {}
+        keys = set(_strings(body, "key"))
+        endpoint = call.endpoint
+        if endpoint == "_delete_tag" and USER_TAG in keys:
+            raise _forbidden(f"{action}: the tag {USER_TAG!r} is set by the server")
+        reserved = {
+            "_set_experiment_tag": OWNER_TAG,
+            "_delete_experiment_tag": OWNER_TAG,
+            "_set_registered_model_tag": OWNER_TAG,
+            "_delete_registered_model_tag": OWNER_TAG,
+            "_set_model_version_tag": AUTHOR_TAG,
+            "_delete_model_version_tag": AUTHOR_TAG,
+        }.get(endpoint)
+        if reserved in keys and role != ADMIN:
+            raise _forbidden(f"{action}: the tag {reserved!r} is recorded by the server; only "
+                             "an admin may change it")
+
+    # --- stamping the verified author ---------------------------------------------------------
+
+    def _stamp(self, call: Call) -> None:
+        body, user, endpoint = call.body, call.user, call.endpoint
+        if user is None:
+            return
+        if body is None and endpoint in _STAMPED:
+            body = {}
+        if not isinstance(body, dict):
+            return
+        changed = True
+        if endpoint in ("_create_run", "serve_create_promptlab_run"):
+            body.pop("userId", None)
+            body["user_id"] = user
+            if endpoint == "_create_run":
+                body["tags"] = [*_without_keys(_tags(body), USER_TAG),
+                                {"key": USER_TAG, "value": user}]
+        elif endpoint in ("_create_experiment", "_create_registered_model"):
+            body["tags"] = [*_without_keys(_tags(body), OWNER_TAG),
+                            {"key": OWNER_TAG, "value": user}]
+        elif endpoint == "_create_model_version":
+            body["tags"] = [*_without_keys(_tags(body), AUTHOR_TAG),
+                            {"key": AUTHOR_TAG, "value": user}]
+        elif endpoint == "_set_tag" and body.get("key") == USER_TAG:
+            body["value"] = user
+        elif endpoint == "_log_batch" and any(
+            isinstance(t, dict) and t.get("key") == USER_TAG for t in _tags(body)
+        ):
+            body["tags"] = [
+                {**t, "value": user} if isinstance(t, dict) and t.get("key") == USER_TAG else t
+                for t in _tags(body)
+            ]
+        else:
+            changed = False
+        if changed:
+            call.body = body
+            _replace_json_body(call.environ, body)
+
+    def _stamped_version(
+        self, policy: Policy, call: Call, environ: dict[str, Any], start_response: Any
+    ) -> Iterable[bytes]:
+        """Run create-model-version, then set the new version's user_id to the verified user."""
+        import json
+
+        captured: dict[str, str] = {}
+
+        def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            captured["status"] = status
+            return start_response(status, headers, *exc_info)
+
+        result = policy.app(environ, capture)
+        try:
+            chunks = list(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if captured.get("status", "").startswith("200"):
+            with contextlib.suppress(Exception):  # the version exists either way
+                version = json.loads(b"".join(chunks))["model_version"]
+                self.owners.stamp_model_version(version["name"], version["version"], call.user
+                                                or "")
+        return chunks
+
+    # --- audit --------------------------------------------------------------------------------
+
+    def _log(self, call: Call, role: str, status: int, refused: str | None = None) -> None:
+        environ = call.environ
+        event: dict[str, Any] = {
+            "event": "request",
+            "user": call.user,
+            "role": role,
+            "client_ip": environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR"),
+            "method": call.method,
+            "path": environ.get("PATH_INFO", ""),
+            "status": status,
+            "action": action_name(call.endpoint),
+            "request_id": environ.get(REQUEST_ID_ENVIRON),
+        }
+        body = call.body if isinstance(call.body, dict) else {}
+        names_model = WRITE_KINDS.get(call.endpoint) == "model" or call.endpoint == (
+            "_create_registered_model"
+        )
+        for field, names in (
+            ("experiment_id", ("experiment_id",)),
+            ("run_id", ("run_id", "run_uuid")),
+            ("model", ("name",) if names_model else ()),
+            ("version", ("version",)),
+        ):
+            values = _strings(body, *names)
+            if values:
+                event[field] = values[0] if len(values) == 1 else values
+        if call.view_args:
+            event["args"] = {k: str(v) for k, v in call.view_args.items()}
+        if refused is not None:
+            event["refused"] = refused
+        self.audit.write(event)
