@@ -88,9 +88,13 @@ def health(settings: Settings, component: str, *, timeout: float = 4.0) -> str |
     conn = internal_connection(address, timeout)
     try:
         conn.request("GET", path)
-        status = conn.getresponse().status
+        response = conn.getresponse()
+        status, body = response.status, response.read(300)
     except OSError as exc:
         return f"no answer from {address}{path}: {exc}"
     finally:
         conn.close()
-    return None if status == 200 else f"{address}{path} answered {status}"
+    if status == 200:
+        return None
+    said = body.decode(errors="replace").strip()  # e.g. the gateway: why no user is accepted
+    return f"{address}{path} answered {status}" + (f": {said}" if said else "")

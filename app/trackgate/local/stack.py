@@ -54,6 +54,9 @@ def recorded_settings(settings: Settings) -> Settings:
     except (FileNotFoundError, ValueError):
         return settings
     fields = {k.removeprefix("TRACKGATE_").lower(): v for k, v in recorded.items()}
+    # A copied data dir holds the original's record: never let it point us at the original.
+    if Path(fields.get("data_dir", "")).resolve() != settings.data_dir.resolve():
+        return settings
     return Settings(**fields)
 
 
