@@ -85,12 +85,15 @@ def check_reachable(path: Path, account: Account) -> None:
 
 def give_to(account: Account, root: Path, *, skip: tuple[Path, ...] = ()) -> None:
     """Make `root` and what is under it owned by the account (not following links), except the
-    trees in `skip` (large trees the account created itself, e.g. artifacts)."""
+    files and trees in `skip` (trees the account created itself, e.g. artifacts; what must stay
+    root's)."""
     skipped = {p.resolve() for p in skip}
     for directory, dirs, files in os.walk(root):
         here = Path(directory)
         dirs[:] = [d for d in dirs if (here / d).resolve() not in skipped]
         for path in [here, *(here / f for f in files)]:
+            if path.resolve() in skipped:
+                continue
             st = path.lstat()
             if (st.st_uid, st.st_gid) != (account.uid, account.gid):
                 os.chown(path, account.uid, account.gid, follow_symlinks=False)

@@ -1011,7 +1011,6 @@ def _scratch_settings(
         "log_dir": data / "logs",
         "nginx_run_dir": data / "run",
         "nginx_binary": settings.nginx_binary,
-        "nginx_user": settings.nginx_user,
         "service_user": getattr(settings, "service_user", None),
         "trusted_proxies": [],
         "workers": 1,

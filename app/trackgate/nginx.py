@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import accounts
 from .settings import Settings
 
 SITE_TEMPLATE = "trackgate.conf.j2"
@@ -55,7 +56,6 @@ class NginxContext:
     public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
     # Standalone main file only.
-    user: str | None = None
     pid_file: str = ""
     error_log: str = "/dev/stderr"
     access_log: str = "/dev/stdout"
@@ -98,8 +98,6 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         if logs is not None:
             ctx.error_log = str(logs / "nginx-error.log")
             ctx.access_log = str(logs / "nginx-access.log")
-        if os.geteuid() == 0:
-            ctx.user = settings.nginx_user or settings.service_user
     return ctx
 
 
@@ -165,12 +163,13 @@ def find_binary(settings: Settings) -> str:
     return found
 
 
-def argv(settings: Settings, binary: str, *extra: str) -> list[str]:
+def argv(settings: Settings, binary: str, *extra: str, pdeathsig: bool = False) -> list[str]:
     """nginx on the standalone config when there is one (`trackgate up`), else the system's
     own (an Ansible host, where Debian's nginx.conf includes our site)."""
     if not settings.nginx_conf.is_file():
         return [binary, *extra]
     return [
+        *_unprivileged(settings, pdeathsig=pdeathsig),
         binary,
         "-c",
         str(settings.nginx_conf),
@@ -182,9 +181,28 @@ def argv(settings: Settings, binary: str, *extra: str) -> list[str]:
     ]
 
 
+def _unprivileged(settings: Settings, *, pdeathsig: bool) -> list[str]:
+    """Started by root, nginx runs as the service account from the start, master included: no
+    root process ever parses a config, log path or pid file that account can write. It keeps
+    one capability, binding ports below 1024, and only when a public port needs it."""
+    if not accounts.running_as_root():
+        return []
+    account = accounts.lookup(settings.service_user)
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+    if account is None or setpriv is None:
+        missing = "setpriv (util-linux)" if account else f"account {settings.service_user!r}"
+        raise NginxError(f"cannot start nginx unprivileged: no {missing}")
+    prefix = [setpriv, f"--reuid={account.uid}", f"--regid={account.gid}", "--clear-groups"]
+    if min(settings.http_port, settings.https_port) < 1024:
+        prefix += ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
+    if pdeathsig:  # a credential change clears the parent-death signal: setpriv sets it after
+        prefix.append("--pdeathsig=TERM")
+    return [*prefix, "--"]
+
+
 def foreground_argv(settings: Settings, binary: str) -> list[str]:
     """What a supervisor runs: nginx in the foreground on the standalone config."""
-    return argv(settings, binary, "-g", "daemon off;")
+    return argv(settings, binary, "-g", "daemon off;", pdeathsig=True)
 
 
 def error_log(settings: Settings) -> Path | str:

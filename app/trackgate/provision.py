@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 
 from . import accounts, nginx, tls
-from .settings import Settings
+from .settings import SETTINGS_FILE_NAME, Settings
 from .users import HtpasswdStore
 
 ADMIN = "admin"
@@ -60,8 +60,10 @@ def prepare(settings: Settings) -> str | None:
     password = ensure_admin(settings)
     nginx.write_if_changed(settings.nginx_conf, nginx.render(settings, standalone=True))
     if account is not None:
-        # Not the artifacts (the account wrote them) nor the CA key (root's alone, see tls.py).
-        keep = (settings.data_dir / "artifacts", tls.ca_key_file(settings).parent)
+        # Not the artifacts (the account wrote them), nor the CA key and the settings file:
+        # root's alone (see tls.py; root refuses a settings file the account could change).
+        keep = (settings.data_dir / "artifacts", tls.ca_key_file(settings).parent,
+                settings.data_dir / SETTINGS_FILE_NAME)
         accounts.give_to(account, settings.data_dir, skip=keep)
         for outside in (settings.logs, settings.sockets):
             if outside is not None and not outside.is_relative_to(settings.data_dir):

@@ -164,10 +164,6 @@ class Settings(BaseSettings):
             "are code, so they get no access to the data dir or the caller's secrets."
         ),
     )
-    nginx_user: str | None = Field(
-        default=None,
-        description="User nginx workers run as when started as root (default service_user).",
-    )
     nginx_run_dir: Path | None = Field(
         default=None,
         description="Where nginx writes its pid and temp files; default data_dir/run "

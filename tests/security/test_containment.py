@@ -233,3 +233,50 @@ def test_the_data_dirs_settings_file_is_read_and_refused_when_others_can_write_i
     assert refused.returncode == 2
     assert "can be changed by other accounts" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+# --- least privilege: nothing of the stack but the supervisor keeps root ----------------------
+
+def _processes_of(data_dir: Path) -> list[tuple[int, int, str]]:
+    """(pid, uid, command line) of every process whose command line names this data dir."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            uid = int((entry / "status").read_text().split("\nUid:")[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if str(data_dir) in cmdline:
+            found.append((int(entry.name), uid, cmdline))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="started by root, the stack drops privileges")
+def test_started_by_root_only_the_supervisor_keeps_root(stack: RunningStack) -> None:
+    processes = _processes_of(stack.settings.data_dir)
+    names = " ".join(cmd for _, _, cmd in processes)
+    assert "nginx: master" in names and "serve tracking" in names and "serve gateway" in names
+    as_root = [cmd for _, uid, cmd in processes if uid == 0]
+    assert all(" supervise" in cmd for cmd in as_root), as_root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="started by root, the stack drops privileges")
+def test_the_service_account_cannot_change_what_root_reads(stack: RunningStack) -> None:
+    settings_file = stack.settings.data_dir / "trackgate.env"
+    settings_file.write_text("TRACKGATE_HOSTNAME=localhost\n")
+    settings_file.chmod(0o644)
+    result = _config(stack.settings.data_dir, stack.settings.data_dir)  # as root
+    assert result.returncode == 0, result.stderr
+    os.chown(settings_file, *_service_ids(stack))  # the account took the file over
+    refused = _config(stack.settings.data_dir, stack.settings.data_dir)
+    assert refused.returncode == 2 and "can be changed by other accounts" in refused.stderr
+    settings_file.unlink()
+
+
+def _service_ids(stack: RunningStack) -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam(stack.settings.service_user)
+    return entry.pw_uid, entry.pw_gid
