@@ -28,7 +28,8 @@ for pkg in nginx-light python3-venv openssl ca-certificates; do
 done
 if $with_tests; then
   # Real nginx, real Chromium for browser tests, curl for raw HTTP checks.
-  for pkg in chromium curl util-linux; do have_pkg "$pkg" || packages+=("$pkg"); done
+  # PostgreSQL 15: the reliability tier backs up and restores a real cluster.
+  for pkg in chromium curl util-linux postgresql; do have_pkg "$pkg" || packages+=("$pkg"); done
 fi
 # nginx from another source (e.g. nginx.org's package) is fine too.
 if command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]]; then

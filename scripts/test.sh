@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (apt packages,
 # the venv, Docker with locally built base images), then runs every tier with real components.
-#   bash scripts/test.sh              # all tiers: fast, deploy (Ansible), compose
-#   bash scripts/test.sh fast         # or any of: fast deploy compose (several allowed)
+#   bash scripts/test.sh              # all tiers: fast, security, reliability, deploy, compose
+#   bash scripts/test.sh fast         # or any of them (several allowed)
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV="${VENV:-.venv}"
 tiers=("$@")
-((${#tiers[@]})) || tiers=(fast deploy compose)
+all_tiers=(fast security reliability deploy compose)
+((${#tiers[@]})) || tiers=("${all_tiers[@]}")
 for tier in "${tiers[@]}"; do
-  [[ "$tier" =~ ^(fast|deploy|compose)$ ]] || { echo "unknown tier '$tier' (fast, deploy, compose)" >&2; exit 2; }
+  [[ " ${all_tiers[*]} " == *" $tier "* ]] || { echo "unknown tier '$tier' (${all_tiers[*]})" >&2; exit 2; }
 done
 
 say() { printf '\n[test] %s  (%ss elapsed)\n' "$*" "$SECONDS" >&2; }
@@ -19,14 +20,16 @@ say "installing test requirements"
 VENV="$VENV" bash scripts/install.sh --test
 
 needs_docker=false
-for tier in "${tiers[@]}"; do [[ "$tier" != fast ]] && needs_docker=true; done
+for tier in "${tiers[@]}"; do [[ "$tier" == deploy || "$tier" == compose ]] && needs_docker=true; done
 if $needs_docker; then
   say "making Docker ready (engine, compose plugin, local base images; minutes the first time)"
   TRACKGATE_PYTHON="$VENV/bin/python" bash tests/infra/docker-ready.sh
 fi
 
 declare -A marker=(
-  [fast]="not deploy and not compose"  # includes the 1 GB round trip (slow: ~1 min)
+  [fast]="not deploy and not compose and not security and not reliability"  # with the 1 GB round trip
+  [security]="security"          # issue 12's attacks against real stacks
+  [reliability]="reliability"    # backup/restore, kills, upgrades, rotation
   [deploy]="deploy"
   [compose]="compose"
 )
