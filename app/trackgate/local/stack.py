@@ -153,7 +153,8 @@ def up(settings: Settings) -> UpResult:
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             # The data dir on the command line: `down` checks it belongs to this data dir.
-            [sys.executable, "-m", "trackgate", "supervise", "--data-dir", str(settings.data_dir)],
+            [sys.executable, "-m", "trackgate", "supervise", "--data-dir",
+             str(settings.data_dir.resolve())],
             env={**os.environ, **settings.to_env()},
             stdin=subprocess.DEVNULL,
             stdout=log,
