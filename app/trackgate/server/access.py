@@ -363,8 +363,9 @@ class Access:
         body = call.body if isinstance(call.body, dict) else {}
         keys = set(_strings(body, "key"))
         endpoint = call.endpoint
+        who = f"user {call.user!r} (role {role!r}) may not {action}"
         if endpoint == "_delete_tag" and USER_TAG in keys:
-            raise _forbidden(f"{action}: the tag {USER_TAG!r} is set by the server")
+            raise _forbidden(f"{who}: the tag {USER_TAG!r} is set by the server")
         reserved = {
             "_set_experiment_tag": OWNER_TAG,
             "_delete_experiment_tag": OWNER_TAG,
@@ -374,8 +375,8 @@ class Access:
             "_delete_model_version_tag": AUTHOR_TAG,
         }.get(endpoint)
         if reserved in keys and role != ADMIN:
-            raise _forbidden(f"{action}: the tag {reserved!r} is recorded by the server; only "
-                             "an admin may change it")
+            raise _forbidden(f"{who}: the tag {reserved!r} is recorded by the server; only an "
+                             "admin may change it")
 
     # --- stamping the verified author ---------------------------------------------------------
 

@@ -1,0 +1,317 @@
+"""Issue 14: roles enforced on the server, owners recorded by the server, authors stamped from the
+verified user, and the audit log -- against a real `trackgate up` stack, through nginx.
+
+- Every endpoint in MLflow's own list (`mlflow.server.handlers.get_endpoints()`, never a hand-kept
+  copy) is sent by a viewer, an editor, an admin and a user whose role line is unknown: the
+  viewer and the unknown role get the policy's 403 for every write and never for a read, the
+  editor only for admin-only endpoints, the admin never.
+- The classification covers every route of MLflow's URL map: an MLflow upgrade that adds a
+  write endpoint fails this file until someone classifies it (until then it is admin-only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from trackgate.roles import RolesStore, roles_path
+from trackgate.server.access import READ_METHODS, READ_POSTS, WRITE_KINDS, is_write
+
+from ..support import RunningStack, clean_env, running_stack, session_from, trackgate
+
+pytestmark = pytest.mark.security
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    with running_stack(tmp_path_factory.mktemp("roles"), bcrypt_rounds=4) as running:
+        yield running
+
+
+def _user(stack: RunningStack, prefix: str, role: str) -> tuple[str, str]:
+    name, password = stack.new_user(prefix)
+    if role == "unknown":
+        # a role line nobody understands: treated as a viewer (fail closed)
+        with open(roles_path(stack.settings), "a") as f:
+            f.write(f"{name}:superuser\n")
+    else:
+        RolesStore(roles_path(stack.settings)).set(name, role)
+    return name, password
+
+
+def _refused_by_policy(answer: requests.Response) -> bool:
+    if answer.status_code != 403:
+        return False
+    try:
+        body = answer.json()
+    except ValueError:
+        return False
+    return body.get("error_code") == "PERMISSION_DENIED" and "role" in body.get("message", "")
+
+
+# --- the classification, without a server ----------------------------------------------------
+
+
+def test_every_write_route_of_mlflow_is_classified() -> None:
+    from mlflow.server import app
+    from mlflow.server.handlers import get_endpoints
+
+    names = {handler.__name__ for _, handler, _ in get_endpoints()}
+    unclassified = sorted(
+        {
+            f"{rule.endpoint} {sorted(rule.methods - READ_METHODS)} {rule.rule}"
+            for rule in app.url_map.iter_rules()
+            if rule.methods - READ_METHODS
+            and rule.endpoint not in READ_POSTS
+            and rule.endpoint not in WRITE_KINDS
+        }
+    )
+    assert not unclassified, (
+        "MLflow has write endpoints nobody classified (they are admin-only until added to "
+        f"READ_POSTS or WRITE_KINDS in trackgate/server/access.py): {unclassified}"
+    )
+    stale = sorted((set(WRITE_KINDS) | READ_POSTS) - names - {r.endpoint for r in
+                                                              app.url_map.iter_rules()})
+    assert not stale, f"classified endpoints this MLflow no longer has: {stale}"
+
+
+# --- the role matrix through the real proxy --------------------------------------------------
+
+
+def _concrete(path: str) -> str:
+    """An MLflow route with its <placeholders> filled in."""
+    return re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", lambda m: f"trackgate-{m.group(1)}", path)
+
+
+def _endpoints() -> list[tuple[str, str, str]]:
+    from mlflow.server.handlers import get_endpoints
+
+    calls = []
+    for path, handler, methods in get_endpoints():
+        for method in methods:
+            calls.append((method, _concrete(path), handler.__name__))
+    return sorted(set(calls))
+
+
+def _send(session: requests.Session, stack: RunningStack, method: str, path: str) -> Any:
+    body = None if method in READ_METHODS else {}
+    try:
+        return session.request(method, stack.url + path, json=body, timeout=10,
+                               verify=str(stack.ca))
+    except requests.Timeout:
+        # MLflow itself is slow here (e.g. it looks up model lists on the internet, which this
+        # machine cannot reach): the policy let it through, since its refusals are immediate.
+        return None
+
+
+@pytest.mark.parametrize("role", ["viewer", "unknown", "editor", "admin"])
+def test_role_matrix_over_every_mlflow_endpoint(stack: RunningStack, role: str) -> None:
+    """403 (the policy's, naming the role) exactly where the role may not go."""
+    name, password = _user(stack, f"matrix-{role}", role)
+    wrong: list[str] = []
+    slow: list[str] = []
+    writes = reads = 0
+    with session_from() as session:
+        session.auth = (name, password)
+        for method, path, endpoint in _endpoints():
+            write = is_write(endpoint, method)
+            kind = WRITE_KINDS.get(endpoint, "admin") if write else None
+            if role == "admin" and endpoint in ("_generate_demo", "_invoke_genai_evaluate_handler"):
+                continue  # these do real work for an admin (demo data, evaluation jobs)
+            answer = _send(session, stack, method, path)
+            if answer is None:
+                slow.append(f"{method} {path}")
+                answer = requests.Response()
+                answer.status_code = 504
+            refused = _refused_by_policy(answer)
+            if role in ("viewer", "unknown"):
+                expected = write
+            elif role == "editor":
+                expected = kind == "admin"
+            else:
+                expected = False
+            writes += write
+            reads += not write
+            if refused != expected:
+                wrong.append(f"{method} {path} ({endpoint}): {answer.status_code} "
+                             f"{answer.text[:160]!r}, expected {'403' if expected else 'not 403'}")
+    assert writes > 100 and reads > 100
+    assert not wrong, "\n".join(wrong)
+    assert len(slow) < 5, slow
+
+
+def test_the_refusal_names_the_user_the_role_and_the_action(stack: RunningStack) -> None:
+    name, password = _user(stack, "viewer", "viewer")
+    for prefix in ("/api/2.0/mlflow", "/ajax-api/2.0/mlflow"):
+        answer = stack.request("POST", f"{prefix}/experiments/create", auth=(name, password),
+                               json={"name": "viewer-try"})
+        assert answer.status_code == 403
+        message = answer.json()["message"]
+        assert answer.json()["error_code"] == "PERMISSION_DENIED"
+        assert name in message and "'viewer'" in message and "create_experiment" in message
+    # graphql and artifact uploads are covered too
+    answer = stack.request("PUT", "/api/2.0/mlflow-artifacts/artifacts/0/x.txt",
+                           auth=(name, password), data=b"x")
+    assert _refused_by_policy(answer)
+
+
+def test_a_role_change_applies_on_the_next_request(stack: RunningStack) -> None:
+    name, password = _user(stack, "promoted", "viewer")
+    body = {"name": f"promoted-{name}"}
+    assert stack.request("POST", "/api/2.0/mlflow/experiments/create", auth=(name, password),
+                         json=body).status_code == 403
+    result = trackgate("users", "set-role", name, "editor",
+                       "--data-dir", str(stack.settings.data_dir))
+    assert result.returncode == 0, result.stderr
+    assert stack.request("POST", "/api/2.0/mlflow/experiments/create", auth=(name, password),
+                         json=body).status_code == 200
+    listed = trackgate("users", "list", "--data-dir", str(stack.settings.data_dir)).stdout
+    assert f"{name}  editor" in listed.splitlines()
+    assert "admin  admin" in listed.splitlines()
+
+
+# --- owners: what an editor may change -------------------------------------------------------
+
+
+def _post(stack: RunningStack, auth: tuple[str, str], path: str, body: dict[str, Any],
+          method: str = "POST") -> requests.Response:
+    return stack.request(method, f"/api/2.0/mlflow/{path}", auth=auth, json=body)
+
+
+def test_bob_cannot_move_carols_alias_nor_change_her_model_or_runs(stack: RunningStack) -> None:
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    admin = ("admin", stack.admin_password)
+    experiment = _post(stack, carol, "experiments/create", {"name": f"carol-{carol[0]}"})
+    experiment_id = experiment.json()["experiment_id"]
+    run = _post(stack, carol, "runs/create", {"experiment_id": experiment_id})
+    run_id = run.json()["run"]["info"]["run_id"]
+    model = f"carol-model-{carol[0]}"
+    assert _post(stack, carol, "registered-models/create", {"name": model}).status_code == 200
+    for _ in range(2):
+        version = _post(stack, carol, "model-versions/create",
+                        {"name": model, "source": f"runs:/{run_id}/model", "run_id": run_id})
+        assert version.status_code == 200, version.text
+    alias = {"name": model, "alias": "champion", "version": "1"}
+    assert _post(stack, carol, "registered-models/alias", alias).status_code == 200
+
+    bob_moves = {"name": model, "alias": "champion", "version": "2"}
+    refused = [
+        _post(stack, bob, "registered-models/alias", bob_moves),
+        _post(stack, bob, "registered-models/alias", {"name": model, "alias": "champion"},
+              "DELETE"),
+        _post(stack, bob, "model-versions/transition-stage",
+              {"name": model, "version": "2", "stage": "Production"}),
+        _post(stack, bob, "registered-models/delete", {"name": model}, "DELETE"),
+        _post(stack, bob, "registered-models/rename", {"name": model, "new_name": "bobs"}),
+        _post(stack, bob, "model-versions/create",
+              {"name": model, "source": f"runs:/{run_id}/model"}),
+        _post(stack, bob, "experiments/delete", {"experiment_id": experiment_id}),
+        _post(stack, bob, "experiments/update", {"experiment_id": experiment_id,
+                                                  "new_name": "bobs"}),
+        _post(stack, bob, "runs/delete", {"run_id": run_id}),
+        _post(stack, bob, "runs/log-metric", {"run_id": run_id, "key": "m", "value": 1,
+                                              "timestamp": 0}),
+        # the owner tag is the server's: bob cannot claim carol's experiment
+        _post(stack, bob, "experiments/set-experiment-tag",
+              {"experiment_id": experiment_id, "key": "trackgate.owner", "value": bob[0]}),
+        stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/"
+                      "artifacts/x.txt", auth=bob, data=b"bob was here"),
+    ]
+    assert all(_refused_by_policy(a) for a in refused), [a.text for a in refused]
+    assert "only its owner" in refused[0].json()["message"]
+    got = stack.get(f"/api/2.0/mlflow/registered-models/alias?name={model}&alias=champion",
+                    auth=bob)
+    assert got.json()["model_version"]["version"] == "1"
+    # the owner and an admin may
+    assert _post(stack, carol, "registered-models/alias", bob_moves).status_code == 200
+    assert _post(stack, admin, "registered-models/alias", alias).status_code == 200
+    assert _post(stack, carol, "runs/log-metric", {"run_id": run_id, "key": "m", "value": 1,
+                                                   "timestamp": 0}).status_code == 200
+    # a model version records its author: tag and user_id, both the verified user
+    got = stack.get(f"/api/2.0/mlflow/model-versions/get?name={model}&version=1", auth=bob)
+    version = got.json()["model_version"]
+    assert version["user_id"] == carol[0]
+    assert {"key": "trackgate.author", "value": carol[0]} in version["tags"]
+
+
+# --- server-stamped authors and the audit log -------------------------------------------------
+
+
+CLIENT_SCRIPT = """
+import json, mlflow, requests
+from mlflow.tracking import MlflowClient
+mlflow.set_experiment("stamped")
+with mlflow.start_run(tags={"mlflow.user": "mallory"}) as run:
+    mlflow.log_metric("m", 1.0)
+    mlflow.set_tag("mlflow.user", "mallory")
+client = MlflowClient()
+exp = mlflow.get_experiment_by_name("stamped").experiment_id
+other = client.create_run(exp, tags={"mlflow.user": "mallory"})
+print(json.dumps([run.info.run_id, other.info.run_id]))
+"""
+
+
+def test_runs_are_stamped_with_the_verified_user_whatever_the_client_says(
+    stack: RunningStack,
+) -> None:
+    bob = _user(stack, "bob", "editor")
+    env = {**stack.client_env(*bob), "LOGNAME": "mallory", "USER": "mallory"}
+    result = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT], capture_output=True,
+                            text=True, timeout=300, env=clean_env(**env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_ids = json.loads(result.stdout.strip().splitlines()[-1])
+    # a raw request that names another user in the body
+    experiment = stack.get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=stamped",
+                           auth=bob).json()["experiment"]
+    raw = _post(stack, bob, "runs/create", {
+        "experiment_id": experiment["experiment_id"], "user_id": "admin", "userId": "admin",
+        "tags": [{"key": "mlflow.user", "value": "admin"}],
+    })
+    assert raw.status_code == 200, raw.text
+    run_ids.append(raw.json()["run"]["info"]["run_id"])
+    for run_id in run_ids:
+        run = stack.get(f"/api/2.0/mlflow/runs/get?run_id={run_id}", auth=bob).json()["run"]
+        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        assert run["info"]["user_id"] == bob[0], run
+        assert tags["mlflow.user"] == bob[0], tags
+    assert {"key": "trackgate.owner", "value": bob[0]} in experiment["tags"]
+    # nobody removes the stamp
+    answer = _post(stack, bob, "runs/delete-tag", {"run_id": run_ids[0], "key": "mlflow.user"})
+    assert _refused_by_policy(answer) or answer.status_code == 403
+
+    # the audit log has the lines, and `trackgate audit --user` finds them
+    lines = [json.loads(line) for line in
+             (stack.settings.logs / "audit.log").read_text().splitlines()]  # type: ignore[operator]
+    created = [e for e in lines if e.get("user") == bob[0] and e.get("action") == "create_run"]
+    assert len(created) >= 3
+    for event in created:
+        assert event["status"] == 200 and event["role"] == "editor"
+        assert event["method"] == "POST" and event["path"].endswith("/runs/create")
+        assert event["client_ip"].startswith("127.") and re.fullmatch(r"[0-9a-f]{32}",
+                                                                      event["request_id"])
+        assert event["experiment_id"] == experiment["experiment_id"]
+    assert any(e.get("event") == "login" and e.get("user") == bob[0] and e["status"] == 204
+               for e in lines)
+    found = trackgate("audit", "--user", bob[0], "--action", "create_run", "--since", "1h",
+                      "--data-dir", str(stack.settings.data_dir))
+    assert found.returncode == 0, found.stderr
+    assert len(found.stdout.splitlines()) == len(created)
+    assert all(bob[0] in line and "create_run" in line for line in found.stdout.splitlines())
+
+
+def test_failed_logins_are_audited(stack: RunningStack) -> None:
+    name, _ = stack.new_user("forgetful")
+    assert stack.get("/api/2.0/mlflow/experiments/search?max_results=1",
+                     auth=(name, "wrong")).status_code == 401
+    found = trackgate("audit", "--user", name, "--action", "login_failed", "--json",
+                      "--data-dir", str(stack.settings.data_dir))
+    events = [json.loads(line) for line in found.stdout.splitlines()]
+    assert len(events) == 1 and events[0]["status"] == 401
+    assert events[0]["path"].startswith("/api/2.0/mlflow/experiments/search")
