@@ -315,3 +315,80 @@ def test_failed_logins_are_audited(stack: RunningStack) -> None:
     events = [json.loads(line) for line in found.stdout.splitlines()]
     assert len(events) == 1 and events[0]["status"] == 401
     assert events[0]["path"].startswith("/api/2.0/mlflow/experiments/search")
+
+
+# --- a viewer in Chromium ----------------------------------------------------------------------
+
+
+def test_a_viewer_browses_the_ui_without_error_and_a_write_gets_the_clear_403(
+    stack: RunningStack,
+) -> None:
+    from ..browser import chromium
+
+    admin = ("admin", stack.admin_password)
+    name = f"viewed-{secrets_token()}"
+    experiment_id = _post(stack, admin, "experiments/create", {"name": name}).json()[
+        "experiment_id"]
+    run = _post(stack, admin, "runs/create", {"experiment_id": experiment_id,
+                                              "run_name": "viewed-run"}).json()["run"]["info"]
+    _post(stack, admin, "runs/log-metric", {"run_id": run["run_id"], "key": "loss",
+                                            "value": 0.5, "timestamp": 0, "step": 0})
+    stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run['run_id']}"
+                  "/artifacts/model/MLmodel", auth=admin,
+                  data=b"artifact_path: model\nflavors: {}\n").raise_for_status()
+    model = f"viewed-model-{secrets_token()}"
+    _post(stack, admin, "registered-models/create", {"name": model})
+    source = f"mlflow-artifacts:/{experiment_id}/{run['run_id']}/artifacts/model"
+    _post(stack, admin, "model-versions/create", {"name": model, "run_id": run["run_id"],
+                                                  "source": source})
+    viewer = _user(stack, "viewer-ui", "viewer")
+
+    with chromium() as browser:
+        context: Any = browser.new_context(  # type: ignore[attr-defined]
+            ignore_https_errors=True,
+            viewport={"width": 1400, "height": 800},
+            http_credentials={"username": viewer[0], "password": viewer[1]},
+        )
+        page = context.new_page()
+        failed: list[str] = []
+        page.on("response", lambda r: failed.append(f"{r.status} {r.request.method} {r.url}")
+                if r.status >= 400 else None)
+        page.goto(stack.url + "/#/experiments", timeout=120_000)
+        page.get_by_text(name).first.wait_for(timeout=120_000)
+        page.goto(f"{stack.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        page.get_by_text("viewed-run").first.wait_for(timeout=120_000)
+        page.get_by_text("viewed-run").first.click()
+        page.wait_for_url("**/runs/**", timeout=120_000)
+        page.wait_for_timeout(2000)
+        page.goto(f"{stack.url}/#/experiments/{experiment_id}/traces")
+        page.wait_for_timeout(2000)
+        page.goto(f"{stack.url}/#/models")
+        page.get_by_text(model).first.wait_for(timeout=120_000)
+        page.goto(f"{stack.url}/#/models/{model}/versions/1")
+        page.get_by_text("Version 1").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(2000)
+        # MLflow itself 404s a few optional endpoints; nothing may be refused or fail.
+        assert not [f for f in failed if f.startswith(("401", "403", "429", "5"))], failed
+
+        # A write from the page, as the UI's own "Create experiment" sends it.
+        answer = page.evaluate(
+            """async () => {
+                const r = await fetch('/ajax-api/2.0/mlflow/experiments/create', {
+                    method: 'POST', headers: {'Content-Type': 'application/json'},
+                    body: JSON.stringify({name: 'viewer-was-here'})});
+                return {status: r.status, body: await r.json()};
+            }"""
+        )
+        assert answer["status"] == 403, answer
+        assert answer["body"]["error_code"] == "PERMISSION_DENIED"
+        assert f"'{viewer[0]}' has the role 'viewer'" in answer["body"]["message"]
+        assert "create_experiment" in answer["body"]["message"]
+    search = _post(stack, admin, "experiments/search", {"filter": "name = 'viewer-was-here'",
+                                                        "max_results": 5})
+    assert not search.json().get("experiments")
+
+
+def secrets_token() -> str:
+    import secrets
+
+    return secrets.token_hex(3)
