@@ -235,8 +235,12 @@ def users_set_role(name: str, role: str, **values: Any) -> None:
     entry = _store(values).find(name)
     if entry is None:
         raise UserError(f"no user {name!r}; use `trackgate users add {name} --role {role}`")
-    _roles(values).set(entry.name, role)
-    click.echo(f"{entry.name} is now {role}")
+    roles = _roles(values)
+    if roles.read().get(entry.name) == role:
+        click.echo(f"unchanged: {entry.name} is {role}")
+        return
+    roles.set(entry.name, role)
+    click.echo(f"changed: {entry.name} is now {role}")
 
 
 def _warn_lookalike(store: HtpasswdStore, name: str) -> None:

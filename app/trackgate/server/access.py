@@ -23,6 +23,7 @@ role and the action. Every write, allowed or refused, is one JSON line in the au
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -39,7 +40,6 @@ from .policy import (
     Rule,
     StartResponse,
     _error,
-    _field_values,
     _read_json_body,
     _replace_json_body,
 )
@@ -232,13 +232,22 @@ def _forbidden(message: str) -> PolicyViolation:
     return PolicyViolation(message, "403 Forbidden", "PERMISSION_DENIED")
 
 
+@functools.lru_cache(maxsize=256)
+def _spellings(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Each proto field name and its JSON (camelCase) spelling, as MLflow accepts both."""
+    spelled: list[str] = []
+    for name in names:
+        head, *rest = name.split("_")
+        spelled += [name, head + "".join(part.capitalize() for part in rest)]
+    return tuple(dict.fromkeys(spelled))
+
+
 def _strings(body: Any, *names: str) -> list[str]:
+    """The non-empty values BODY gives for any spelling of NAMES, as strings, once each."""
     if not isinstance(body, dict):
         return []
-    values: list[str] = []
-    for name in names:
-        values.extend(str(v) for v in _field_values(body, name) if v not in (None, ""))
-    return list(dict.fromkeys(values))
+    values = [body[key] for key in _spellings(names) if key in body]
+    return list(dict.fromkeys(str(v) for v in values if v not in (None, "")))
 
 
 def _tags(body: dict[str, Any]) -> list[Any]:
