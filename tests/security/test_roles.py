@@ -241,6 +241,56 @@ def test_bob_cannot_move_carols_alias_nor_change_her_model_or_runs(stack: Runnin
     assert {"key": "trackgate.author", "value": carol[0]} in version["tags"]
 
 
+def test_an_owner_grants_edit_then_manage_on_an_experiment_and_a_model(
+    stack: RunningStack,
+) -> None:
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    dave = _user(stack, "dave", "editor")
+    experiment_id = _post(stack, carol, "experiments/create",
+                          {"name": f"shared-{carol[0]}"}).json()["experiment_id"]
+    run_id = _post(stack, carol, "runs/create",
+                   {"experiment_id": experiment_id}).json()["run"]["info"]["run_id"]
+    model = f"shared-model-{carol[0]}"
+    _post(stack, carol, "registered-models/create", {"name": model})
+    _post(stack, carol, "model-versions/create", {"name": model, "run_id": run_id,
+                                                  "source": f"runs:/{run_id}/model"})
+    metric = {"run_id": run_id, "key": "m", "value": 1, "timestamp": 0}
+    rename = {"experiment_id": experiment_id, "new_name": f"renamed-{carol[0]}"}
+    alias = {"name": model, "alias": "champion", "version": "1"}
+
+    def grant(who: tuple[str, str], user: str, level: str, on: str = "experiment") -> Any:
+        if on == "experiment":
+            return _post(stack, who, "experiments/set-experiment-tag", {
+                "experiment_id": experiment_id, "key": f"trackgate.grant.{user}", "value": level})
+        return _post(stack, who, "registered-models/set-tag",
+                     {"name": model, "key": f"trackgate.grant.{user}", "value": level})
+
+    # nothing granted: bob can neither log to carol's run nor grant himself
+    assert _refused_by_policy(_post(stack, bob, "runs/log-metric", metric))
+    assert _refused_by_policy(grant(bob, bob[0], "MANAGE"))
+    assert grant(carol, bob[0], "ALL").status_code == 400  # levels are READ, EDIT, MANAGE
+    # EDIT: bob logs into carol's runs, but does not rename her experiment or grant others
+    assert grant(carol, bob[0], "EDIT").status_code == 200
+    assert _post(stack, bob, "runs/log-metric", metric).status_code == 200
+    answer = _post(stack, bob, "experiments/update", rename)
+    assert _refused_by_policy(answer) and "MANAGE" in answer.json()["message"]
+    assert _refused_by_policy(grant(bob, dave[0], "EDIT"))
+    assert _refused_by_policy(_post(stack, dave, "runs/log-metric", metric))
+    # MANAGE: bob renames it
+    assert grant(carol, bob[0], "MANAGE").status_code == 200
+    assert _post(stack, bob, "experiments/update", rename).status_code == 200
+    # models: EDIT adds versions, MANAGE moves aliases
+    assert _refused_by_policy(_post(stack, bob, "registered-models/alias", alias))
+    assert grant(carol, bob[0], "EDIT", on="model").status_code == 200
+    assert _refused_by_policy(_post(stack, bob, "registered-models/alias", alias))
+    assert _post(stack, bob, "model-versions/create", {
+        "name": model, "run_id": run_id, "source": f"runs:/{run_id}/model"}).status_code == 200
+    assert grant(carol, bob[0], "MANAGE", on="model").status_code == 200
+    assert _post(stack, bob, "registered-models/alias", alias).status_code == 200
+    assert _refused_by_policy(_post(stack, dave, "registered-models/alias", alias))
+
+
 # --- server-stamped authors and the audit log -------------------------------------------------
 
 

@@ -11,6 +11,11 @@ by its endpoint (handler) name and method:
   registered model), ``admin``. An endpoint missing from the table (a new MLflow version) is
   admin-only until someone classifies it (tests/security/test_roles.py walks MLflow's list).
 
+Grants: an experiment's or registered model's owner (or an admin, or a MANAGE grantee) tags it
+``trackgate.grant.<user>`` = ``EDIT`` (log to its runs; add and tag model versions) or
+``MANAGE`` (also rename, delete, tag, move aliases and stages), through MLflow's own API or UI.
+Reads are not restricted: READ grants and private experiments are not built.
+
 Owners are recorded by the server itself: a run's ``user_id`` (stamped here from the verified
 user, whatever the client sends), and a ``trackgate.owner`` tag that the server puts on every
 new experiment and registered model. Model versions get a ``trackgate.author`` tag and their
@@ -27,7 +32,8 @@ import functools
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
@@ -50,6 +56,15 @@ if TYPE_CHECKING:
 ROLE_ENVIRON = "HTTP_X_TRACKGATE_ROLE"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"
 OWNER_TAG = "trackgate.owner"
+# Grants: the owner (or an admin, or a MANAGE grantee) tags an experiment or registered model
+# with `trackgate.grant.<user>` = EDIT or MANAGE (READ is accepted and changes nothing yet: every
+# user reads everything).
+GRANT_PREFIX = "trackgate.grant."
+LEVELS = {"READ": 1, "EDIT": 2, "MANAGE": 3}
+# Model writes that EDIT allows; every other model write (aliases, stages, rename, delete,
+# the model's tags) needs MANAGE.
+_MODEL_EDITS = frozenset({"_create_model_version", "_update_model_version",
+                          "_set_model_version_tag", "_delete_model_version_tag"})
 AUTHOR_TAG = "trackgate.author"
 USER_TAG = "mlflow.user"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -168,7 +183,7 @@ class Owners:
     """
 
     def __init__(self, cache_size: int = 20_000) -> None:
-        self._runs: OrderedDict[str, str | None] = OrderedDict()
+        self._runs: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -184,35 +199,37 @@ class Owners:
 
         return _get_model_registry_store()
 
-    def run(self, run_id: str) -> tuple[bool, str | None]:
-        """(exists, owner)."""
+    def run(self, run_id: str) -> tuple[bool, str | None, str]:
+        """(exists, owner, experiment id); both never change, so they are cached."""
         with self._lock:
             if run_id in self._runs:
                 self._runs.move_to_end(run_id)
-                return True, self._runs[run_id]
+                return (True, *self._runs[run_id])
         try:
-            owner = self._tracking().get_run(run_id).info.user_id or None
+            info = self._tracking().get_run(run_id).info
         except Exception:  # no such run: MLflow answers that itself
-            return False, None
+            return False, None, ""
+        entry = (info.user_id or None, str(info.experiment_id))
         with self._lock:
-            self._runs[run_id] = owner
+            self._runs[run_id] = entry
             if len(self._runs) > self._cache_size:
                 self._runs.popitem(last=False)
-        return True, owner
+        return (True, *entry)
 
-    def experiment(self, experiment_id: str) -> tuple[bool, str | None]:
+    def experiment(self, experiment_id: str) -> tuple[bool, dict[str, str]]:
+        """(exists, tags): the owner and grants are tags."""
         try:
             experiment = self._tracking().get_experiment(str(experiment_id))
         except Exception:
-            return False, None
-        return True, (experiment.tags or {}).get(OWNER_TAG)
+            return False, {}
+        return True, dict(experiment.tags or {})
 
-    def model(self, name: str) -> tuple[bool, str | None]:
+    def model(self, name: str) -> tuple[bool, dict[str, str]]:
         try:
             model = self._registry().get_registered_model(name)
         except Exception:
-            return False, None
-        return True, (model.tags or {}).get(OWNER_TAG)
+            return False, {}
+        return True, dict(model.tags or {})
 
     def stamp_model_version(self, name: str, version: str, user: str) -> None:
         """Set the new version's user_id column (MLflow's store never sets it)."""
@@ -226,6 +243,15 @@ class Owners:
             session.query(SqlModelVersion).filter(
                 SqlModelVersion.name == name, SqlModelVersion.version == int(version)
             ).update({"user_id": user})
+
+
+@dataclass(frozen=True)
+class _Owned:
+    what: str  # "run", "experiment", "registered model"
+    ident: str
+    owner: str | None
+    grants: Callable[[], dict[str, str]]  # the tags that hold the grants
+    granted_on: str  # where a grant for this resource is set, for the refusal
 
 
 def _forbidden(message: str) -> PolicyViolation:
@@ -336,35 +362,53 @@ class Access:
                 f"user {call.user!r} has the role 'editor': {action} ({where}) is for admins "
                 "only."
             )
-        for what, ident, exists, owner in self._owned(call, kind):
-            if exists and owner != call.user:
-                whose = f"its owner {owner!r}" if owner else "its owner (none recorded)"
-                raise _forbidden(
-                    f"user {call.user!r} (role 'editor') may not {action} on {what} {ident!r}: "
-                    f"only {whose} or an admin may."
-                )
+        for owned in self._owned(call, kind):
+            if owned.owner == call.user:
+                continue
+            needed = "EDIT" if kind in ("run", "artifact") or call.endpoint in _MODEL_EDITS \
+                else "MANAGE"
+            granted = owned.grants().get(GRANT_PREFIX + call.user, "")
+            if LEVELS.get(granted, 0) >= LEVELS[needed]:
+                continue
+            whose = f"its owner {owned.owner!r}" if owned.owner else "its owner (none recorded)"
+            raise _forbidden(
+                f"user {call.user!r} (role 'editor') may not {action} on {owned.what} "
+                f"{owned.ident!r}: only {whose}, a user granted {needed} on {owned.granted_on} "
+                f"(tag '{GRANT_PREFIX}{call.user}' = {needed}) or an admin may."
+            )
 
-    def _owned(self, call: Call, kind: str) -> Iterable[tuple[str, str, bool, str | None]]:
+    def _owned(self, call: Call, kind: str) -> Iterable[_Owned]:
+        """The existing runs, experiments or models CALL writes to (others: MLflow says 404)."""
         body = call.body
-        if kind == "run":
-            ids = _strings(body, "run_id", "run_uuid")
-            if call.endpoint == "serve_upload_artifact":
+        if kind in ("run", "artifact"):
+            if kind == "artifact":
+                path = str(call.view_args.get("artifact_path", ""))
+                ids = [s for s in dict.fromkeys(path.split("/")) if _RUN_ID.fullmatch(s)]
+            elif call.endpoint == "serve_upload_artifact":
                 ids = parse_qs(call.environ.get("QUERY_STRING", "")).get("run_uuid", [])
+            else:
+                ids = _strings(body, "run_id", "run_uuid")
             for run_id in ids:
-                yield ("run", run_id, *self.owners.run(run_id))
-        elif kind == "artifact":
-            path = str(call.view_args.get("artifact_path", ""))
-            for segment in dict.fromkeys(path.split("/")):
-                if _RUN_ID.fullmatch(segment):
-                    exists, owner = self.owners.run(segment)
-                    if exists:
-                        yield ("the artifacts of run", segment, exists, owner)
+                exists, owner, experiment_id = self.owners.run(run_id)
+                if exists:
+                    yield _Owned("run", run_id, owner, self._experiment_tags(experiment_id),
+                                 f"its experiment {experiment_id}")
         elif kind == "experiment":
             for experiment_id in _strings(body, "experiment_id"):
-                yield ("experiment", experiment_id, *self.owners.experiment(experiment_id))
+                exists, tags = self.owners.experiment(experiment_id)
+                if exists:
+                    yield _Owned("experiment", experiment_id, tags.get(OWNER_TAG),
+                                 lambda tags=tags: tags, "it")
         elif kind == "model":
             for name in _strings(body, "name"):
-                yield ("registered model", name, *self.owners.model(name))
+                exists, tags = self.owners.model(name)
+                if exists:
+                    yield _Owned("registered model", name, tags.get(OWNER_TAG),
+                                 lambda tags=tags: tags, "it")
+
+    def _experiment_tags(self, experiment_id: str) -> Callable[[], dict[str, str]]:
+        """Read lazily: only a write to someone else's run needs the experiment's grants."""
+        return lambda: self.owners.experiment(experiment_id)[1]
 
     def _reserved_tags(self, call: Call, role: str, action: str) -> None:
         """Owner and author tags are the server's: only an admin changes them, and nobody
@@ -383,6 +427,14 @@ class Access:
             "_set_model_version_tag": AUTHOR_TAG,
             "_delete_model_version_tag": AUTHOR_TAG,
         }.get(endpoint)
+        if endpoint in ("_set_experiment_tag", "_set_registered_model_tag") and any(
+            key.startswith(GRANT_PREFIX) for key in keys
+        ):
+            value = str(body.get("value", ""))
+            if value not in LEVELS:
+                raise PolicyViolation(
+                    f"a grant tag's value is one of {', '.join(LEVELS)}; got {value!r}"
+                )
         if reserved in keys and role != ADMIN:
             raise _forbidden(f"{who}: the tag {reserved!r} is recorded by the server; only an "
                              "admin may change it")
