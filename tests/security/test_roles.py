@@ -304,7 +304,13 @@ with mlflow.start_run(tags={"mlflow.user": "mallory"}) as run:
 client = MlflowClient()
 exp = mlflow.get_experiment_by_name("stamped").experiment_id
 other = client.create_run(exp, tags={"mlflow.user": "mallory"})
-print(json.dumps([run.info.run_id, other.info.run_id]))
+
+@mlflow.trace
+def traced(x):
+    return x
+
+traced(1)
+print(json.dumps([mlflow.get_last_active_trace_id(), run.info.run_id, other.info.run_id]))
 """
 
 
@@ -316,7 +322,10 @@ def test_runs_are_stamped_with_the_verified_user_whatever_the_client_says(
     result = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT], capture_output=True,
                             text=True, timeout=300, env=clean_env(**env))
     assert result.returncode == 0, result.stderr[-3000:]
-    run_ids = json.loads(result.stdout.strip().splitlines()[-1])
+    trace_id, *run_ids = json.loads(result.stdout.strip().splitlines()[-1])
+    # a trace records its author too
+    trace = stack.get(f"/api/3.0/mlflow/traces/{trace_id}", auth=bob).json()["trace"]
+    assert trace["trace_info"]["tags"]["trackgate.author"] == bob[0], trace
     # a raw request that names another user in the body
     experiment = stack.get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=stamped",
                            auth=bob).json()["experiment"]

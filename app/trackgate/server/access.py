@@ -161,6 +161,16 @@ WRITE_KINDS: dict[str, str] = {
 _BODY_KINDS = frozenset({"run", "experiment", "model"})
 _STAMPED = frozenset({"_create_experiment", "_create_run", "serve_create_promptlab_run",
                       "_create_registered_model"})
+# MLflow's own author fields, taken from the request body: the server sets them instead.
+_AUTHOR_FIELDS = {
+    **dict.fromkeys(("_create_issue", "_create_gateway_secret", "_create_gateway_endpoint",
+                     "_create_gateway_model_definition", "_create_gateway_endpoint_binding",
+                     "_create_budget_policy"), "created_by"),
+    **dict.fromkeys(("_update_gateway_secret", "_update_gateway_endpoint",
+                     "_update_gateway_model_definition", "_update_budget_policy"), "updated_by"),
+}
+# Traces and logged models record no author of their own: they get a trackgate.author tag.
+_AUTHOR_TAGGED = frozenset({"_start_trace_v3", "_create_logged_model"})
 _NO_BODY = frozenset({"serve_upload_artifact"})  # the body is the file; ids in the query
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -292,6 +302,19 @@ class Access:
         self.audit = audit
         self.owners = owners or Owners()
 
+    @staticmethod
+    def install(app: Any) -> None:
+        """Tell MLflow who the verified user is, where it asks its own auth plugin
+        (``flask.g.mlflow_authenticated_user``): review queues' and jobs' owners and
+        ``completed_by`` then record that user, not the client's claim."""
+        from flask import g, request
+
+        @app.before_request
+        def _verified_user() -> None:
+            user = request.environ.get(USER_ENVIRON)
+            if user:
+                g.mlflow_authenticated_user = unquote(user)
+
     def handle(
         self,
         policy: Policy,
@@ -313,8 +336,9 @@ class Access:
         kind = WRITE_KINDS.get(endpoint, "admin") if write else None
         try:
             needs_body = (rule is not None and rule.parse_body) or (
-                write and endpoint not in _NO_BODY and (kind in _BODY_KINDS
-                                                        or endpoint in _STAMPED)
+                write and endpoint not in _NO_BODY and (
+                    kind in _BODY_KINDS or endpoint in _STAMPED or endpoint in _AUTHOR_FIELDS
+                    or endpoint in _AUTHOR_TAGGED)
             )
             if needs_body:
                 call.body = _read_json_body(environ, MAX_WRITE_BODY if rule is None else
@@ -471,6 +495,22 @@ class Access:
                 {**t, "value": user} if isinstance(t, dict) and t.get("key") == USER_TAG else t
                 for t in _tags(body)
             ]
+        elif endpoint in _AUTHOR_FIELDS:
+            field = _AUTHOR_FIELDS[endpoint]
+            head, _, tail = field.partition("_")
+            body.pop(head + tail.capitalize(), None)
+            body[field] = user
+        elif endpoint == "_create_logged_model":
+            body["tags"] = [*_without_keys(_tags(body), AUTHOR_TAG),
+                            {"key": AUTHOR_TAG, "value": user}]
+        elif endpoint == "_start_trace_v3":
+            trace = body.get("trace")
+            info = (trace.get("trace_info") or trace.get("traceInfo")
+                    if isinstance(trace, dict) else None)
+            if not isinstance(info, dict):
+                return  # MLflow refuses it
+            tags = info.get("tags")
+            info["tags"] = {**(tags if isinstance(tags, dict) else {}), AUTHOR_TAG: user}
         else:
             changed = False
         if changed:

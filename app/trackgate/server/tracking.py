@@ -45,6 +45,7 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
 
     root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", "mlflow-artifacts:/")
     access = Access(AuditLog(audit_path(settings or Settings())))
+    access.install(app)
     return Policy(app, artifact_root=root, access=access)
 
 
