@@ -92,6 +92,8 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         extra_includes=[f"{settings.serving_dir}/*.conf"],
     )
     if standalone:
+        cert, key = settings.served_cert_files
+        ctx.cert_file, ctx.key_file = str(cert), str(key)
         logs = settings.logs
         ctx.pid_file = str(settings.nginx_runtime_dir / "nginx.pid")
         ctx.temp_dir = str(settings.nginx_runtime_dir / "nginx-temp")

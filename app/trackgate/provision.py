@@ -56,6 +56,7 @@ def prepare(settings: Settings) -> str | None:
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
     tls.ensure_certificates(settings)
+    _install_operator_certificate(settings)
     ensure_kek_passphrase(settings)
     password = ensure_admin(settings)
     nginx.write_if_changed(settings.nginx_conf, nginx.render(settings, standalone=True))
@@ -157,3 +158,22 @@ def _stored_mlflow_secrets(settings: Settings) -> int:
             engine.dispose()
     except Exception:  # no table yet, or the database is not up: nothing stored under a key
         return 0
+
+
+def _install_operator_certificate(settings: Settings) -> None:
+    """Copy an operator's certificate and key to where the unprivileged nginx reads them
+    (settings.served_cert_files); their own files stay as they are. Re-run on every start, so
+    a renewed certificate is picked up by `trackgate up` or `trackgate prepare`."""
+    cert, key = settings.served_cert_files
+    if cert == settings.cert_file:
+        return
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(cert.parent, 0o700)
+    for source, target in ((settings.cert_file, cert), (settings.key_file, key)):
+        data = source.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)

@@ -260,6 +260,15 @@ class Settings(BaseSettings):
         return self.tls_key or self.tls_dir / "server.key"
 
     @property
+    def served_cert_files(self) -> tuple[Path, Path]:
+        """The certificate and key the standalone nginx reads. Started by root, nginx runs as the
+        service account, which may not read an operator's root-only key (Let's Encrypt's is): it
+        reads copies in the data dir that provisioning refreshes (see provision.py)."""
+        if self.uses_local_ca or os.geteuid() != 0:
+            return self.cert_file, self.key_file
+        return self.tls_dir / "operator" / "fullchain.pem", self.tls_dir / "operator" / "key.pem"
+
+    @property
     def uses_local_ca(self) -> bool:
         return self.tls_cert is None
 
