@@ -32,10 +32,11 @@ VALUES = {name: str(20000 + i) for i, name in enumerate(sorted(Settings.model_fi
 # the containers reach each other. The PostgreSQL file adds the database of its own container.
 COMPOSE_FIXED = {"data_dir", "htpasswd_path", "nginx_run_dir", "log_dir", "internal_transport",
                  "internal_host", "tracking_upstream", "gateway_upstream"}
-# What the role decides itself (trackgate_data_dir, the journal, loopback TCP for nginx, your
-# certificate's copy, the PostgreSQL database it made).
-ANSIBLE_FIXED = {"data_dir", "log_dir", "internal_transport", "tls_cert", "tls_key",
-                 "backend_store_uri"}
+# What the role decides itself (trackgate_data_dir, the journal, Unix sockets in systemd's
+# runtime dir, serve-model's root-owned locations, your certificate's copy, the PostgreSQL
+# database it made).
+ANSIBLE_FIXED = {"data_dir", "log_dir", "internal_transport", "socket_dir",
+                 "serving_locations_dir", "tls_cert", "tls_key", "backend_store_uri"}
 
 
 def _env_name(field: str) -> str:
@@ -147,4 +148,4 @@ def test_the_ansible_settings_file_by_default_names_only_settings(tmp_path: Path
     # Everything else keeps trackgate's own defaults: the role repeats none of them.
     assert set(rendered) == {_env_name(f) for f in (
         "hostname", "extra_hostnames", "http_port", "https_port", "listen_ipv6", "data_dir",
-        "log_dir", "internal_transport")}
+        "log_dir", "internal_transport", "socket_dir", "serving_locations_dir")}

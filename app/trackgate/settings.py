@@ -69,6 +69,14 @@ class Settings(BaseSettings):
             "(containers, several hosts)."
         ),
     )
+    serving_locations_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Where `serve-model` writes its nginx locations; default data_dir/serving. Where a "
+            "root nginx master reads them (Ansible hosts), a root-owned dir such as "
+            "/etc/trackgate/serving."
+        ),
+    )
     socket_dir: Path | None = Field(
         default=None, description="Where the Unix sockets live; default data_dir/run/sockets."
     )
@@ -285,7 +293,7 @@ class Settings(BaseSettings):
     @property
     def serving_dir(self) -> Path:
         """Where `trackgate serve-model` drops one nginx location file per published model."""
-        return self.data_dir / "serving"
+        return self.serving_locations_dir or self.data_dir / "serving"
 
     @property
     def backups_dir(self) -> Path:

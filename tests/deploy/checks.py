@@ -108,10 +108,26 @@ def only_nginx_listens_publicly(deployment: Deployment, *service_users: str) -> 
     assert {name for _, names in public for name in names} == {"nginx"}, public
     assert {a for a, _ in public} == {f"0.0.0.0:{deployment.ports['http']}",
                                       f"0.0.0.0:{deployment.ports['https']}"}, public
+    # The servers listen on no TCP port at all, loopback included: Unix sockets only.
     ours = [a for a, uid, _ in sockets if uid in uids]
-    assert ours and all(a.startswith(LOOPBACK) for a in ours), ours
-    for port in ("tracking", "gateway"):
-        assert f"127.0.0.1:{deployment.ports[port]}" in ours, (port, ours)
+    assert ours == [], ours
+
+
+def internal_servers_only_reachable_by_nginx(deployment: Deployment) -> None:
+    """Issue 12, attack 3 on an Ansible host: the sockets live in a directory that only the
+    service group (trackgate and nginx's workers) may enter; any other local account is
+    refused, so it can neither call MLflow without a login nor forge the identity header."""
+    h = host(deployment)
+    sockets = h.file("/run/trackgate")
+    assert (sockets.user, sockets.group, sockets.mode) == ("trackgate", "trackgate", 0o750)
+    for name in ("tracking", "gateway"):
+        assert h.file(f"/run/trackgate/{name}.sock").is_socket, name
+        probe = (f"import socket; s = socket.socket(socket.AF_UNIX); "
+                 f"s.connect('/run/trackgate/{name}.sock'); print('connected')")
+        other = h.run(f"runuser -u nobody -- python3 -c \"{probe}\"")
+        assert other.rc != 0 and "PermissionError" in other.stderr, (other.stdout, other.stderr)
+        mine = h.run(f"runuser -u www-data -- python3 -c \"{probe}\"")
+        assert mine.rc == 0 and "connected" in mine.stdout, (mine.stdout, mine.stderr)
 
 
 def files_have_strict_modes(deployment: Deployment) -> None:
@@ -138,7 +154,7 @@ def nginx_config_valid(deployment: Deployment) -> None:
     assert not h.file("/etc/nginx/sites-enabled/default").exists
     site = h.file("/etc/nginx/conf.d/trackgate.conf").content_string
     assert "auth_request /_trackgate/auth;" in site
-    assert f"server 127.0.0.1:{deployment.ports['tracking']};" in site
+    assert "server unix:/run/trackgate/tracking.sock;" in site
 
 
 def certificate_names_host(deployment: Deployment) -> None:

@@ -119,8 +119,6 @@ class Deployment:
             "trackgate_wheelhouse": True,
             "trackgate_users": [{"name": n, "password": p} for n, p in self.passwords.items()],
             "trackgate_settings": {
-                "tracking_port": self.ports["tracking"],
-                "gateway_port": self.ports["gateway"],
                 # bcrypt cost 4 keeps the many logins of the tests cheap (trackgate's is 12).
                 "bcrypt_rounds": 4,
             },

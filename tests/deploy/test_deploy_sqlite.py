@@ -55,10 +55,12 @@ def test_first_deploy_succeeds_and_passes_its_own_smoke_check(
 
 @pytest.mark.parametrize(
     "check",
-    [checks.services_running, checks.only_nginx_listens_publicly, checks.files_have_strict_modes,
+    [checks.services_running, checks.only_nginx_listens_publicly,
+     checks.internal_servers_only_reachable_by_nginx, checks.files_have_strict_modes,
      checks.nginx_config_valid, checks.certificate_names_host, checks.units_hardened,
      checks.auth_enforced],
-    ids=["services-enabled-and-running", "only-nginx-listens-beyond-loopback",
+    ids=["services-enabled-and-running", "only-nginx-listens-on-tcp",
+         "internal-servers-only-reachable-by-nginx",
          "secrets-and-settings-have-strict-owners-and-modes",
          "nginx-config-valid-and-rendered-from-the-templates",
          "certificate-names-the-host-and-chains-to-the-fetched-ca",

@@ -93,9 +93,11 @@ def test_invalid_utf8_in_htpasswd_refuses_everyone_then_recovers(stack: RunningS
         _replace(path, good + b"caf\xe9:!\n")
         with pytest.raises(UserError, match="line .* is not valid UTF-8"):
             HtpasswdStore(path).read()
-        # The gateway fails closed (no user, not even a cached one) and keeps answering.
+        # The gateway fails closed (no user, not even a cached one), and /health says the
+        # stack is not healthy instead of hiding it (issue 13).
         assert stack.get("/version", auth=user).status_code == 401
-        assert stack.get("/health").status_code == 200
+        assert stack.get("/health").status_code != 200
     finally:
         _replace(path, good)
     assert stack.get("/version", auth=user).status_code == 200
+    assert stack.get("/health").status_code == 200
