@@ -34,7 +34,8 @@ class CliStack:
 
     @classmethod
     def new(cls, data_dir: Path, **extra_env: str) -> CliStack:
-        env = {"TRACKGATE_DATA_DIR": str(data_dir), **extra_env}
+        env = {"TRACKGATE_DATA_DIR": str(data_dir), "TRACKGATE_LISTEN_ADDRESS": "127.0.0.1",
+               **extra_env}
         flags = ["--http-port", str(free_port()), "--https-port", str(free_port()),
                  "--hostname", "localhost"]
         return cls(data_dir, env, flags)

@@ -201,6 +201,18 @@ def test_without_down_the_children_of_a_killed_supervisor_stop_by_themselves(
     stack.up()
 
 
+def test_up_right_after_a_killed_supervisor_stops_what_is_left_and_starts(
+    stack: CliStack,
+) -> None:
+    snapshot = session_of(stack.supervisor_pid())
+    kill(stack.supervisor_pid())
+    again = stack.up()  # no `down` first
+    assert "already running" not in again.stdout
+    assert still_alive(snapshot) == []
+    print(f"up after the SIGKILL: {again.stderr.strip().splitlines()[-1]}")
+    assert _healthy(stack)
+
+
 @pytest.mark.parametrize("component", ["nginx", "tracking"])
 def test_sigkill_of_a_master_leaves_no_orphan_holding_ports_and_loses_nothing(
     stack: CliStack, work: Path, component: str
