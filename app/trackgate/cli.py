@@ -159,7 +159,9 @@ def down(**values: Any) -> None:
 @setting_options(*STACK_OPTIONS)
 @_guard
 def status(**values: Any) -> None:
-    """Say whether the stack runs, its processes, and whether /health answers through nginx."""
+    """Say whether the stack runs and how each component is: tracking and gateway by their own
+    health checks, nginx by /health through it. Exit 0 if all are up, 1 if one is down, 3 if
+    the stack is not running."""
     settings = stack.recorded_settings(_settings(values))
     state = stack.status(settings)
     if not state.running:
