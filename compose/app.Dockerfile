@@ -44,7 +44,9 @@ RUN groupadd --gid "${UID}" trackgate \
  && install -d -o trackgate -g trackgate -m 0700 /var/lib/trackgate \
  && install -d -o trackgate -g trackgate -m 0750 \
       /var/lib/trackgate/artifacts /var/lib/trackgate/tls /var/lib/trackgate/users \
-      /var/lib/trackgate/run
+      /var/lib/trackgate/run \
+ # The CA key's own volume (see compose.yaml) takes this directory's owner and mode.
+ && install -d -o trackgate -g trackgate -m 0700 /var/lib/trackgate/tls/ca-key
 COPY --from=build /opt/trackgate /opt/trackgate
 ENV PATH=/opt/trackgate/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

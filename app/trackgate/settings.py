@@ -87,11 +87,14 @@ class Settings(BaseSettings):
         ),
     )
     tracking_upstream: str | None = Field(
-        default=None, description="host:port nginx proxies to; default internal_host:tracking_port."
+        default=None,
+        description="host[:port] nginx proxies to (port default tracking_port); default: the "
+        "tracking server's own address.",
     )
     gateway_upstream: str | None = Field(
         default=None,
-        description="host:port nginx asks about credentials; default internal_host:gateway_port.",
+        description="host[:port] nginx asks about credentials (port default gateway_port); "
+        "default: the gateway's own address.",
     )
     backend_store_uri: str | None = Field(
         default=None, description="MLflow backend store; default sqlite in the data dir."
@@ -333,12 +336,17 @@ class Settings(BaseSettings):
 
     @property
     def tracking_address(self) -> str:
-        """What nginx proxies to (nginx's notation: `unix:/path` or `host:port`)."""
-        return self.tracking_upstream or self.bind_address("tracking")
+        """What nginx proxies to (nginx's notation: `unix:/path` or `host:port`); an upstream
+        given without a port (compose: `tracking`) gets tracking_port."""
+        if self.tracking_upstream:
+            return _with_port(self.tracking_upstream, self.tracking_port)
+        return self.bind_address("tracking")
 
     @property
     def gateway_address(self) -> str:
-        return self.gateway_upstream or self.bind_address("gateway")
+        if self.gateway_upstream:
+            return _with_port(self.gateway_upstream, self.gateway_port)
+        return self.bind_address("gateway")
 
     @property
     def public_url(self) -> str:
@@ -405,6 +413,12 @@ class Settings(BaseSettings):
                 value = ",".join(value)
             env[ENV_PREFIX + name.upper()] = str(value)
         return env
+
+
+def _with_port(upstream: str, port: int) -> str:
+    if upstream.startswith("unix:") or (":" in upstream and not upstream.endswith("]")):
+        return upstream  # a socket, or host:port / [v6]:port already
+    return f"{upstream}:{port}"
 
 
 def _redact(uri: str) -> str:

@@ -181,3 +181,17 @@ def test_down_then_up_keeps_runs_artifacts_users_and_certificates(
     auth = ("admin", stack.admin_password)
     assert stack.get("/api/2.0/mlflow/experiments/search?max_results=1", auth=auth).ok
     _read_back(stack, logged_run, tmp_path)
+
+
+def test_no_container_runs_as_root_and_nginx_cannot_read_the_ca_key(stack: ComposeStack) -> None:
+    """Issue 12 in compose: every long-running container is unprivileged, and the local CA's key
+    lives in a volume only the one-shot init service mounts."""
+    for service in ("tracking", "gateway", "nginx"):
+        uid = stack.project.exec(service, "id", "-u").stdout.strip()
+        assert uid not in ("", "0"), (service, uid)
+    assert stack.project.exec("nginx", "test", "-r", "/var/lib/trackgate/tls/server.key",
+                              check=False).returncode == 0  # nginx serves with the server key
+    seen = stack.project.exec("nginx", "ls", "-A", "/var/lib/trackgate/tls/ca-key", check=False)
+    assert "ca.key" not in seen.stdout
+    assert stack.project.exec("nginx", "test", "-e", "/var/lib/trackgate/tls/ca-key/ca.key",
+                              check=False).returncode != 0
