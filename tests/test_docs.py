@@ -20,8 +20,9 @@ def test_every_setting_is_in_the_readme_table_with_its_description(field: str) -
         (line for line in README.splitlines() if line.startswith(f"| `TRACKGATE_{field.upper()}`")),
         "",
     )
-    assert row, f"TRACKGATE_{field.upper()} is missing from the README's settings table"
-    assert Settings.model_fields[field].description in row
+    regenerate = "regenerate the table: python -m tests.test_docs"
+    assert row, f"TRACKGATE_{field.upper()} is missing from the README's settings table; {regenerate}"
+    assert Settings.model_fields[field].description in row, regenerate
 
 
 def _compose_variables() -> set[str]:
@@ -64,3 +65,23 @@ def test_readme_test_command_is_what_ci_runs() -> None:
 def test_help_names_the_environment_variable_and_default() -> None:
     result = CliRunner().invoke(cli, ["up", "--help"])
     assert "TRACKGATE_HTTPS_PORT" in result.output and "default 8443" in result.output
+
+
+def _write_settings_table() -> None:
+    """Rewrite the README's settings table from the Settings fields (their descriptions and
+    the defaults `--help` shows)."""
+    from trackgate.cli import _default_text
+
+    lines = README.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Variable | Default |"))
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("| `TRACKGATE_"):
+        end += 1
+    lines[start + 2:end] = [f"| `TRACKGATE_{name.upper()}` | {_default_text(name)} | "
+                            f"{field.description} |"
+                            for name, field in Settings.model_fields.items()]
+    (ROOT / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    _write_settings_table()
