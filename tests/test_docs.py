@@ -21,7 +21,7 @@ def test_every_setting_is_in_the_readme_table_with_its_description(field: str) -
         "",
     )
     regenerate = "regenerate the table: python -m tests.test_docs"
-    assert row, f"TRACKGATE_{field.upper()} is missing from the README's settings table; {regenerate}"
+    assert row, f"TRACKGATE_{field.upper()} is not in the README's settings table; {regenerate}"
     assert Settings.model_fields[field].description in row, regenerate
 
 
