@@ -117,7 +117,9 @@ class Deployment:
             "trackgate_backend": self.backend,
             "trackgate_source_dir": str(self.source),
             "trackgate_wheelhouse": True,
-            "trackgate_users": [{"name": n, "password": p} for n, p in self.passwords.items()],
+            "trackgate_users": [{"name": n, "password": p, **({"role": "admin"} if n == "admin"
+                                                               else {})}
+                                for n, p in self.passwords.items()],
             "trackgate_settings": {
                 # bcrypt cost 4 keeps the many logins of the tests cheap (trackgate's is 12).
                 "bcrypt_rounds": 4,
