@@ -224,8 +224,24 @@ def test_bob_cannot_move_carols_alias_nor_change_her_model_or_runs(stack: Runnin
         stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/{run_id}/"
                       "artifacts/x.txt", auth=bob, data=b"bob was here"),
     ]
+    logged = _post(stack, carol, "logged-models", {"experiment_id": experiment_id,
+                                                   "name": "carols-logged-model"})
+    assert logged.status_code == 200, logged.text
+    logged_id = logged.json()["model"]["info"]["model_id"]
+    refused += [
+        _post(stack, bob, f"logged-models/{logged_id}", {}, "DELETE"),
+        _post(stack, bob, f"logged-models/{logged_id}/tags",
+              {"tags": [{"key": "stage", "value": "bob"}]}, "PATCH"),
+        stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/models/"
+                      f"{logged_id}/artifacts/MLmodel", auth=bob, data=b"bob was here"),
+        _post(stack, bob, "traces/delete-traces", {"experiment_id": experiment_id,
+                                                   "max_timestamp_millis": 2**41}),
+    ]
     assert all(_refused_by_policy(a) for a in refused), [a.text for a in refused]
     assert "only its owner" in refused[0].json()["message"]
+    assert _post(stack, carol, f"logged-models/{logged_id}",
+                 {"model_id": logged_id, "status": "LOGGED_MODEL_READY"},
+                 "PATCH").status_code == 200
     got = stack.get(f"/api/2.0/mlflow/registered-models/alias?name={model}&alias=champion",
                     auth=bob)
     assert got.json()["model_version"]["version"] == "1"

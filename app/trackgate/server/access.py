@@ -7,9 +7,10 @@ by its endpoint (handler) name and method:
 - **reads**: GET, HEAD, OPTIONS, and the POST endpoints in ``READ_POSTS`` (searches and the
   like). Everyone may read; reads pass with one set lookup.
 - **writes**: everything else, each with a kind in ``WRITE_KINDS``: ``editor`` (any editor),
-  ``run``/``experiment``/``model``/``artifact`` (an editor who owns the run, experiment or
-  registered model), ``admin``. An endpoint missing from the table (a new MLflow version) is
-  admin-only until someone classifies it (tests/security/test_roles.py walks MLflow's list).
+  ``run``/``experiment``/``model``/``logged_model``/``artifact`` (an editor who owns the run,
+  experiment, registered model or logged model, or was granted it), ``admin``. An endpoint
+  missing from the table (a new MLflow version) is admin-only until someone classifies it
+  (tests/security/test_roles.py walks MLflow's list).
 
 Grants: an experiment's or registered model's owner (or an admin, or a MANAGE grantee) tags it
 ``trackgate.grant.<user>`` = ``EDIT`` (log to its runs; add and tag model versions) or
@@ -101,8 +102,7 @@ _EDITOR = (
     "_start_trace_v3 _deprecated_start_trace_v2 _deprecated_end_trace_v2 _set_trace_tag "
     "_set_trace_tag_v3 _delete_trace_tag _delete_trace_tag_v3 _delete_traces "
     "_link_prompts_to_trace _create_assessment _update_assessment _delete_assessment "
-    "_create_logged_model _finalize_logged_model _delete_logged_model _set_logged_model_tags "
-    "_delete_logged_model_tag _log_logged_model_params "
+    "_create_logged_model "
     "_create_issue _update_issue _invoke_issue_detection_handler "
     "_create_label_schema _update_label_schema _delete_label_schema "
     "_create_dataset_handler _delete_dataset_handler _set_dataset_tags_handler "
@@ -122,7 +122,12 @@ _RUN = (
 )
 _EXPERIMENT = (
     "_delete_experiment _restore_experiment _update_experiment _set_experiment_tag "
-    "_delete_experiment_tag"
+    "_delete_experiment_tag _delete_traces"
+)
+# A logged model's owner is its trackgate.author tag (set by the server at creation).
+_LOGGED_MODEL = (
+    "_finalize_logged_model _delete_logged_model _set_logged_model_tags "
+    "_delete_logged_model_tag _log_logged_model_params"
 )
 _MODEL = (
     "_rename_registered_model _update_registered_model _delete_registered_model "
@@ -154,11 +159,12 @@ WRITE_KINDS: dict[str, str] = {
     **dict.fromkeys(_RUN.split(), "run"),
     **dict.fromkeys(_EXPERIMENT.split(), "experiment"),
     **dict.fromkeys(_MODEL.split(), "model"),
+    **dict.fromkeys(_LOGGED_MODEL.split(), "logged_model"),
     **dict.fromkeys(_ARTIFACT.split(), "artifact"),
     **dict.fromkeys(_ADMIN.split(), "admin"),
 }
 # Writes whose JSON body the access layer reads (owner ids, stamped fields).
-_BODY_KINDS = frozenset({"run", "experiment", "model"})
+_BODY_KINDS = frozenset({"run", "experiment", "model", "logged_model"})
 _STAMPED = frozenset({"_create_experiment", "_create_run", "serve_create_promptlab_run",
                       "_create_registered_model"})
 # MLflow's own author fields, taken from the request body: the server sets them instead.
@@ -173,6 +179,7 @@ _AUTHOR_FIELDS = {
 _AUTHOR_TAGGED = frozenset({"_start_trace_v3", "_create_logged_model"})
 _NO_BODY = frozenset({"serve_upload_artifact"})  # the body is the file; ids in the query
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+_LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
 
 
 def is_write(endpoint: str, method: str) -> bool:
@@ -233,6 +240,14 @@ class Owners:
         except Exception:
             return False, {}
         return True, dict(experiment.tags or {})
+
+    def logged_model(self, model_id: str) -> tuple[bool, str | None, str]:
+        """(exists, author, experiment id)."""
+        try:
+            model = self._tracking().get_logged_model(model_id)
+        except Exception:
+            return False, None, ""
+        return True, (model.tags or {}).get(AUTHOR_TAG), str(model.experiment_id)
 
     def model(self, name: str) -> tuple[bool, dict[str, str]]:
         try:
@@ -389,8 +404,8 @@ class Access:
         for owned in self._owned(call, kind):
             if owned.owner == call.user:
                 continue
-            needed = "EDIT" if kind in ("run", "artifact") or call.endpoint in _MODEL_EDITS \
-                else "MANAGE"
+            needed = "EDIT" if kind in ("run", "artifact", "logged_model") \
+                or call.endpoint in _MODEL_EDITS else "MANAGE"
             granted = owned.grants().get(GRANT_PREFIX + call.user, "")
             if LEVELS.get(granted, 0) >= LEVELS[needed]:
                 continue
@@ -404,6 +419,19 @@ class Access:
     def _owned(self, call: Call, kind: str) -> Iterable[_Owned]:
         """The existing runs, experiments or models CALL writes to (others: MLflow says 404)."""
         body = call.body
+        if kind in ("artifact", "logged_model"):
+            if kind == "artifact":
+                path = str(call.view_args.get("artifact_path", ""))
+                model_ids = [s for s in dict.fromkeys(path.split("/"))
+                             if _LOGGED_MODEL_ID.fullmatch(s)]
+            else:
+                model_ids = [str(call.view_args.get("model_id", ""))]
+            for model_id in model_ids:
+                exists, author, experiment_id = self.owners.logged_model(model_id)
+                if exists:
+                    yield _Owned("logged model", model_id, author,
+                                 self._experiment_tags(experiment_id),
+                                 f"its experiment {experiment_id}")
         if kind in ("run", "artifact"):
             if kind == "artifact":
                 path = str(call.view_args.get("artifact_path", ""))
@@ -450,7 +478,13 @@ class Access:
             "_delete_registered_model_tag": OWNER_TAG,
             "_set_model_version_tag": AUTHOR_TAG,
             "_delete_model_version_tag": AUTHOR_TAG,
+            "_set_logged_model_tags": AUTHOR_TAG,
         }.get(endpoint)
+        if endpoint == "_set_logged_model_tags":
+            keys |= {str(t.get("key")) for t in _tags(body) if isinstance(t, dict)}
+        elif endpoint == "_delete_logged_model_tag":
+            keys.add(str(call.view_args.get("tag_key", "")))
+            reserved = AUTHOR_TAG
         if endpoint in ("_set_experiment_tag", "_set_registered_model_tag") and any(
             key.startswith(GRANT_PREFIX) for key in keys
         ):
