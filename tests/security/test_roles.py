@@ -155,7 +155,12 @@ def test_the_refusal_names_the_user_the_role_and_the_action(stack: RunningStack)
         message = answer.json()["message"]
         assert answer.json()["error_code"] == "PERMISSION_DENIED"
         assert name in message and "'viewer'" in message and "create_experiment" in message
-    # graphql and artifact uploads are covered too
+    # a client's own copy of the role (or user) header is dropped by nginx
+    forged = stack.request("POST", "/api/2.0/mlflow/experiments/create", auth=(name, password),
+                           json={"name": "viewer-forged"},
+                           headers={"X-Trackgate-Role": "admin", "X-Trackgate-User": "admin"})
+    assert _refused_by_policy(forged) and f"'{name}' has the role 'viewer'" in forged.text
+    # artifact uploads are covered too
     answer = stack.request("PUT", "/api/2.0/mlflow-artifacts/artifacts/0/x.txt",
                            auth=(name, password), data=b"x")
     assert _refused_by_policy(answer)
