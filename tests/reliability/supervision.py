@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trackgate.local import procs
+from trackgate import processes
 
 from ..support import clean_env, free_port, trackgate
 
@@ -89,18 +89,18 @@ def mentioning(directory: Path) -> list[int]:
     """Live processes whose command line names the data dir (checking only: the product
     never finds its processes this way)."""
     text = str(directory)
-    return [p.pid for p in procs.all_infos() if text in procs.cmdline(p.pid)]
+    return [p.pid for p in processes.all_infos() if text in processes.cmdline(p.pid)]
 
 
-def session_of(pid: int) -> list[procs.ProcInfo]:
+def session_of(pid: int) -> list[processes.ProcInfo]:
     """Every process in the session `pid` leads (supervisor, servers, their workers)."""
-    leader = procs.info(pid)
+    leader = processes.info(pid)
     assert leader is not None
-    return procs.session_members(pid, started_after=leader.start)
+    return processes.session_members(pid, started_after=leader.start)
 
 
-def still_alive(snapshot: list[procs.ProcInfo]) -> list[procs.ProcInfo]:
-    return [p for p in snapshot if procs.is_same(p.pid, p.start)]
+def still_alive(snapshot: list[processes.ProcInfo]) -> list[processes.ProcInfo]:
+    return [p for p in snapshot if processes.is_same(p.pid, p.start)]
 
 
 def wait_until(predicate: object, timeout: float, step: float = 0.25) -> bool:

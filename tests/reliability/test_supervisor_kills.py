@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from trackgate.local import procs
+from trackgate import processes
 from trackgate.local.supervisor import MAX_DELAY, STABLE_AFTER, next_delay
 
 from .mlflow_content import mlflow_env
@@ -99,7 +99,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _down_leaves_nothing(stack: CliStack, snapshot: list[procs.ProcInfo]) -> None:
+def _down_leaves_nothing(stack: CliStack, snapshot: list[processes.ProcInfo]) -> None:
     down = stack.run("down")
     assert down.returncode == 0, down.stderr
     assert still_alive(snapshot) == [], "down left processes of the stack running"
@@ -135,7 +135,7 @@ def test_status_names_each_healthy_component(stack: CliStack) -> None:
 def test_a_stopped_gateway_makes_status_and_health_fail(stack: CliStack) -> None:
     gateway = _state(stack)["gateway"]["pid"]
     assert isinstance(gateway, int)
-    group = procs.group_members(gateway)
+    group = processes.group_members(gateway)
     for p in group:  # frozen, not dead: the supervisor does not restart it
         os.kill(p.pid, signal.SIGSTOP)
     try:
@@ -220,7 +220,7 @@ def test_sigkill_of_a_master_leaves_no_orphan_holding_ports_and_loses_nothing(
     run_id = _new_run(stack, f"{component}-killed")
     master = _state(stack)[component]["pid"]
     assert isinstance(master, int)
-    orphans = [p for p in procs.group_members(master) if p.pid != master]
+    orphans = [p for p in processes.group_members(master) if p.pid != master]
     assert orphans, f"{component} has workers"
     with writing_client(stack, run_id, work) as written:
         time.sleep(3)
@@ -257,7 +257,7 @@ def test_a_copy_of_a_running_data_dir_is_a_stack_of_its_own(stack: CliStack) -> 
     copy.password = stack.password
     assert copy.run("status").returncode == 3  # the copied PID file is not the copy's
     assert copy.run("down").stdout.strip() == "trackgate was not running"
-    assert procs.is_same(original, procs.info(original).start)  # type: ignore[union-attr]
+    assert processes.is_same(original, processes.info(original).start)  # type: ignore[union-attr]
     started = copy.run("up")
     try:
         assert started.returncode == 0, started.stdout + started.stderr

@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import database, nginx
+from .. import database, nginx, processes
 from ..processes import port_in_use
 from ..provision import prepare
 from ..settings import Settings
-from . import procs
 from .probe import health, https_get
 from .supervisor import state_file
 
@@ -88,14 +87,14 @@ def running_pid(settings: Settings) -> int | None:
     if owner is None or owner.get("pid") != pid:
         return None
     start = owner.get("start")
-    if not procs.is_same(pid, start if isinstance(start, int) else None):
+    if not processes.is_same(pid, start if isinstance(start, int) else None):
         return None
-    if "supervise" not in procs.cmdline(pid) or not procs.names_dir(pid, settings.data_dir):
+    if "supervise" not in processes.cmdline(pid) or not processes.names_dir(pid, settings.data_dir):
         return None
     return pid
 
 
-def leftovers(settings: Settings) -> list[procs.ProcInfo]:
+def leftovers(settings: Settings) -> list[processes.ProcInfo]:
     """Processes a supervisor of this data dir left running (e.g. after a SIGKILL): the members
     of its session. The kernel does not reuse a session id while a member lives, and a reused
     PID shows another start time, so nothing outside this data dir's session is included."""
@@ -105,10 +104,10 @@ def leftovers(settings: Settings) -> list[procs.ProcInfo]:
     sid, start = owner.get("pid"), owner.get("start")
     if not isinstance(sid, int) or not isinstance(start, int):
         return []
-    leader = procs.info(sid)
+    leader = processes.info(sid)
     if leader is not None and not leader.zombie and leader.start != start:
         return []  # the PID was reused, so the whole session had ended
-    return [p for p in procs.session_members(sid, started_after=start) if p.pid != os.getpid()]
+    return [p for p in processes.session_members(sid, started_after=start) if p.pid != os.getpid()]
 
 
 def _check_ports(settings: Settings) -> None:
@@ -161,7 +160,7 @@ def up(settings: Settings) -> UpResult:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # survives the shell; its session finds what it started
         )
-    owner = {"pid": proc.pid, "start": procs.start_time(proc.pid),
+    owner = {"pid": proc.pid, "start": processes.start_time(proc.pid),
              "data_dir": str(settings.data_dir.resolve())}
     _write_atomic(_owner_file(settings), json.dumps(owner))
     _write_atomic(_pid_file(settings), f"{proc.pid}\n")
@@ -185,7 +184,7 @@ def _stop_leftovers(settings: Settings) -> int:
     """Stop what a killed supervisor of this data dir left behind; how many there were."""
     left = leftovers(settings)
     if left:
-        procs.terminate(left, timeout=STOP_LEFTOVERS_TIMEOUT)
+        processes.terminate(left, timeout=STOP_LEFTOVERS_TIMEOUT)
     return len(left)
 
 
@@ -211,20 +210,10 @@ def _wait_healthy(settings: Settings, proc: subprocess.Popen[bytes]) -> None:
         crashing = _crashing_child(settings)
         if crashing:
             raise StackError(f"{crashing} keeps exiting at start:\n{_log_tail(settings, crashing)}")
-        try:
-            answer = https_get(
-                settings.hostname,
-                settings.https_port,
-                "/health",
-                ca_file=_trust_file(settings),
-                verify=settings.uses_local_ca,
-                timeout=5,
-            )
-            if answer.status == 200:
-                return
-            last = f"/health answered {answer.status}"
-        except OSError as exc:
-            last = str(exc)
+        problem = _public_health(settings)
+        if problem is None:
+            return
+        last = problem
         time.sleep(0.5)
     raise StackError(
         f"the stack did not become healthy in {START_TIMEOUT:.0f} s ({last}); "
@@ -268,13 +257,13 @@ def down(settings: Settings, timeout: float = 40.0) -> bool:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and running_pid(settings) is not None:
-            procs.reap(pid)
+            processes.reap(pid)
             time.sleep(0.2)
-        procs.reap(pid)
+        processes.reap(pid)
     left = leftovers(settings)
     if left:
         found = True
-        procs.terminate(left, timeout=STOP_LEFTOVERS_TIMEOUT)
+        processes.terminate(left, timeout=STOP_LEFTOVERS_TIMEOUT)
     for path in (_pid_file(settings), _owner_file(settings), state_file(settings),
                  _settings_file(settings)):
         path.unlink(missing_ok=True)

@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .. import accounts, nginx
+from .. import accounts, nginx, processes
 from ..accounts import Account
 from ..processes import die_with_parent
 from ..settings import Settings
-from . import procs
 
 STOP_TIMEOUT = 20.0
 # A child that ran this long before it died was healthy: its next restart waits 1 s again.
@@ -105,7 +104,7 @@ class Child:
         self._pipe = read_end
         if read_end is not None:
             os.set_blocking(read_end, False)
-        self.start = procs.start_time(self.proc.pid)
+        self.start = processes.start_time(self.proc.pid)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -146,11 +145,11 @@ class Child:
         nginx workers or gunicorn workers would otherwise keep the ports and sockets."""
         if self.proc is None:
             return
-        left = [p for p in procs.group_members(self.proc.pid) if self.start is None
+        left = [p for p in processes.group_members(self.proc.pid) if self.start is None
                 or p.start >= self.start]
         if left:
             _say(f"{self.name}: stopping {len(left)} orphaned process(es) of its group")
-            procs.terminate(left, ORPHAN_TIMEOUT)
+            processes.terminate(left, ORPHAN_TIMEOUT)
 
 
 def children(settings: Settings, nginx_binary: str) -> list[Child]:
@@ -369,7 +368,7 @@ def _write_state(settings: Settings, kids: list[Child], rotations: int) -> None:
     }
     state["supervisor"] = {
         "pid": os.getpid(),
-        "start": procs.start_time(os.getpid()),
+        "start": processes.start_time(os.getpid()),
         "data_dir": str(settings.data_dir.resolve()),
         "log_rotations": rotations,
     }
