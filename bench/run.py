@@ -336,6 +336,7 @@ def main() -> None:
     began = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     work = Path(tempfile.mkdtemp(prefix="trackgate-bench-"))
+    work.chmod(0o711)  # as root, the stack's service account must pass through to its data dir
     logs = work / "logs"
     logs.mkdir()
     print(f"work dir: {work}", flush=True)

@@ -114,8 +114,8 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 
 def tracking_settings(data_dir: Path, port: int) -> Settings:
     """Settings of a standalone tracking server: trackgate's defaults (workers, threads)."""
-    return Settings(data_dir=data_dir, hostname="localhost", internal_host="127.0.0.1",
-                    tracking_port=port, log_dir=data_dir / "logs")
+    return Settings(data_dir=data_dir, hostname="localhost", internal_transport="tcp",
+                    internal_host="127.0.0.1", tracking_port=port, log_dir=data_dir / "logs")
 
 
 @contextlib.contextmanager
