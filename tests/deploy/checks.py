@@ -102,15 +102,19 @@ LOOPBACK = ("127.", "[::1]", "[::ffff:127.")
 
 def only_nginx_listens_publicly(deployment: Deployment, *service_users: str) -> None:
     h = host(deployment)
-    uids = {int(h.check_output(f"id -u {u}")) for u in ("trackgate", *service_users)}
+    trackgate = int(h.check_output("id -u trackgate"))
+    others = {int(h.check_output(f"id -u {u}")) for u in service_users}
     sockets = listeners(deployment)
     public = [(a, n) for a, _, n in sockets if n and not a.startswith(LOOPBACK)]
     assert {name for _, names in public for name in names} == {"nginx"}, public
     assert {a for a, _ in public} == {f"0.0.0.0:{deployment.ports['http']}",
                                       f"0.0.0.0:{deployment.ports['https']}"}, public
-    # The servers listen on no TCP port at all, loopback included: Unix sockets only.
-    ours = [a for a, uid, _ in sockets if uid in uids]
+    # trackgate's servers listen on no TCP port at all, loopback included: Unix sockets only.
+    ours = [a for a, uid, _ in sockets if uid == trackgate]
     assert ours == [], ours
+    # Other services of the deployment (PostgreSQL) on loopback only.
+    theirs = [a for a, uid, _ in sockets if uid in others]
+    assert all(a.startswith(LOOPBACK) for a in theirs), theirs
 
 
 def internal_servers_only_reachable_by_nginx(deployment: Deployment) -> None:
