@@ -454,6 +454,21 @@ def default_archive(settings: Settings) -> Path:
     return settings.backups_dir / f"trackgate-{time.strftime('%Y%m%d-%H%M%S')}.tar"
 
 
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` archives named trackgate-*.tar in `directory` (by
+    modification time); return what was deleted. Scheduled backups use it as their retention."""
+    if keep < 1:
+        raise BackupError(f"--keep must be at least 1, not {keep}")
+    archives = sorted(
+        (p for p in Path(directory).glob("trackgate-*.tar") if p.is_file() and not p.is_symlink()),
+        key=lambda p: (p.stat().st_mtime, p.name),
+        reverse=True,
+    )
+    for old in archives[keep:]:
+        old.unlink(missing_ok=True)
+    return archives[keep:]
+
+
 def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet) -> BackupResult:
     """Write one archive of the whole stack while clients keep writing; mode 0600."""
     started = time.monotonic()

@@ -650,9 +650,19 @@ def _say(message: str) -> None:
     help="Instead of backing up: check ARCHIVE's checksums, restore it into a scratch dir, "
     "serve it on free ports and compare it with its manifest and the live server.",
 )
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="After a successful backup, delete all but the newest N trackgate-*.tar archives "
+    "in the output's directory (retention for scheduled backups).",
+)
 @setting_options(*BACKUP_OPTIONS)
 @_guard
-def backup_cmd(output: Path | None, verify_archive: Path | None, **values: Any) -> None:
+def backup_cmd(
+    output: Path | None, verify_archive: Path | None, keep: int | None, **values: Any
+) -> None:
     """One archive of the database, artifacts, users, TLS files, secrets and settings, consistent
     while clients keep writing (mode 0600), with a manifest of sha256 sums."""
     from . import backup
@@ -662,12 +672,18 @@ def backup_cmd(output: Path | None, verify_archive: Path | None, **values: Any) 
         if verify_archive is not None:
             if output is not None:
                 _fail("--output and --verify do not go together", code=2)
+            if keep is not None:
+                _fail("--keep and --verify do not go together", code=2)
             result = backup.verify(settings, verify_archive, say=_say)
             for line in result.differences:
                 click.echo(f"  differs: {line}", err=True)
             click.echo(result.summary())
             sys.exit(0 if result.ok else 1)
-        click.echo(backup.backup(settings, output, say=_say).summary())
+        result = backup.backup(settings, output, say=_say)
+        if keep is not None:
+            for old in backup.prune(result.path.parent, keep):
+                click.echo(f"deleted old archive {old}", err=True)
+        click.echo(result.summary())
     except backup.BackupError as exc:
         _fail(str(exc))
 
