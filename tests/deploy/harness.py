@@ -132,8 +132,9 @@ class Deployment:
         values.update(overrides)
         return values
 
-    def playbook(self, *args: str, **overrides: Any) -> PlaybookRun:
-        """Run the real deploy.yml with a generated inventory; overrides change host variables."""
+    def playbook(self, *args: str, playbook: str = "deploy.yml", **overrides: Any) -> PlaybookRun:
+        """Run the real deploy.yml (or another playbook of ansible/) with a generated inventory;
+        overrides change host variables."""
         self.runs += 1
         inventory = self.workdir / f"inventory-{self.runs}.yml"
         hosts = {self.name: self.host_vars(**overrides)}
@@ -149,7 +150,7 @@ class Deployment:
         with log.open("w") as out:
             proc = subprocess.run(
                 [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
-                 "deploy.yml", *args],
+                 playbook, *args],
                 cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
                 timeout=PLAYBOOK_TIMEOUT, check=False,
             )

@@ -7,11 +7,15 @@ One host is deployed per module and reused. Every test leaves it as a run of the
 from __future__ import annotations
 
 import secrets
+import subprocess
+import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import requests
+from trackgate.backup import MANIFEST, SQLITE_MEMBER
 from urllib3.exceptions import InsecureRequestWarning
 
 from tests.infra.systemd_host import restart
@@ -24,9 +28,20 @@ pytestmark = pytest.mark.deploy
 HTPASSWD_TASK = "Ensure each user exists with the given password."
 
 
+BACKUP_DIR = "/var/backups/trackgate"
+OFFSITE_COPY = "/var/tmp/trackgate-offsite/latest.tar"
+# Scheduled backups as an operator would set them: not the defaults, so the test sees them used.
+BACKUP_VARS = {
+    "trackgate_backup_schedule": "*-*-* 03:30:00",
+    "trackgate_backup_keep": 2,
+    "trackgate_backup_copy_command": f'install -D -m 0600 "$1" {OFFSITE_COPY}',
+}
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, PlaybookRun]]:
     with deployment("tg-deploy-sqlite", tmp_path_factory.mktemp("deploy-sqlite")) as target:
+        target.extra_vars.update(BACKUP_VARS)
         first = target.playbook()
         yield target, first
 
@@ -129,9 +144,10 @@ def test_password_change_rewrites_only_htpasswd_and_restarts_nothing(host: Deplo
          "carol's password is 74 bytes"),
         ({"trackgate_workers": 4}, "trackgate_workers: set these in trackgate_settings"),
         ({"trackgate_settings": {"data_dir": "/srv/mlflow"}}, "which the role decides"),
+        ({"trackgate_backup_keep": 0}, "trackgate_backup_keep is 0"),
     ],
     ids=["unknown-backend", "missing-certificate", "password-over-72-bytes",
-         "retired-role-variable", "setting-the-role-decides"],
+         "retired-role-variable", "setting-the-role-decides", "backup-keeping-nothing"],
 )
 def test_bad_variables_fail_before_touching_the_host(
     host: Deployment, override: dict[str, object], message: str
@@ -153,3 +169,85 @@ def test_services_come_back_after_a_host_restart_with_the_run_kept(host: Deploym
     read = checks.mlflow_client(host, "read", logged_run)
     assert read["metrics"] == {"rmse": 0.25}
 
+
+
+def _archives(host: Deployment) -> list[str]:
+    """The backup directory's archives, oldest first (their names carry the time)."""
+    return sorted(checks.host(host).check_output(f"ls -1 {BACKUP_DIR}").split())
+
+
+def _back_up_now(host: Deployment) -> str:
+    """Start the timer's service by hand (a oneshot: returns when done); the new archive's name."""
+    before = set(_archives(host))
+    time.sleep(1.1)  # archive names carry the second
+    checks.host(host).run_expect([0], "systemctl start trackgate-backup.service")
+    new = sorted(set(_archives(host)) - before)
+    assert len(new) == 1, (before, new)
+    return new[0]
+
+
+def test_the_backup_timer_is_enabled_with_the_configured_schedule(host: Deployment) -> None:
+    h = checks.host(host)
+    timer = h.service("trackgate-backup.timer")
+    assert timer.is_enabled and timer.is_running
+    calendar = h.check_output("systemctl show -p TimersCalendar --value trackgate-backup.timer")
+    assert "*-*-* 03:30:00" in calendar, calendar
+    assert h.check_output("systemctl show -p NextElapseUSecRealtime --value "
+                          "trackgate-backup.timer"), "the timer has no next run"
+    directory = h.file(BACKUP_DIR)
+    assert (directory.user, directory.group, directory.mode) == ("root", "root", 0o700)
+
+
+def test_a_backup_started_by_hand_is_root_only_keeps_the_newest_and_is_copied(
+    host: Deployment,
+) -> None:
+    h = checks.host(host)
+    made = [_back_up_now(host) for _ in range(3)]
+    assert _archives(host) == made[-2:], "retention did not keep the newest trackgate_backup_keep"
+    for name in made[-2:]:
+        archive = h.file(f"{BACKUP_DIR}/{name}")
+        assert (archive.user, archive.group, archive.mode) == ("root", "root", 0o600), name
+    members = h.check_output(f"tar tf {BACKUP_DIR}/{made[-1]}").split()
+    assert MANIFEST in members and SQLITE_MEMBER in members, members
+    # trackgate_backup_copy_command ran with the newest archive as $1.
+    newest = h.check_output(f"sha256sum < {BACKUP_DIR}/{made[-1]}")
+    assert h.check_output(f"sha256sum < {OFFSITE_COPY}") == newest
+    assert h.file(OFFSITE_COPY).mode == 0o600
+
+
+def test_restore_playbook_brings_back_the_backup_and_drops_what_came_after(
+    host: Deployment, tmp_path: Path
+) -> None:
+    kept = checks.log_and_read_back(host)
+    name = _back_up_now(host)
+    later = checks.mlflow_client(host, "log")["run_id"]
+    archive = tmp_path / name
+    subprocess.run(["docker", "cp", f"{host.name}:{BACKUP_DIR}/{name}", str(archive)],
+                   check=True, capture_output=True, timeout=120)
+
+    started = time.monotonic()
+    run = host.playbook("-e", f"trackgate_restore_archive={archive}",
+                        playbook="restore.yml").assert_ok()
+    print(f"restore.yml: {time.monotonic() - started:.0f}s")
+    ran = [task for task, result in run.tasks if not result.get("skipped")]
+    assert "Restore the archive into the data directory." in ran, ran
+    assert "Check that the run holds the logged metric." in ran, ran  # the role's smoke check
+    checks.services_running(host)
+
+    read = checks.mlflow_client(host, "read", kept)  # params, metrics and the artifact's bytes
+    assert read["metrics"] == {"rmse": 0.25} and read["params"] == {"alpha": "0.5"}
+    api = f"{host.url}/api/2.0/mlflow"
+    gone = host.session(ALICE).get(f"{api}/runs/get", params={"run_id": later}, timeout=10)
+    assert gone.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in gone.text, gone.text
+    for user in (ALICE, BOB):  # the archive's htpasswd: the same passwords still log in
+        assert host.session(user).get(f"{api}/experiments/search?max_results=1",
+                                      timeout=10).status_code == 200, user
+    h = checks.host(host)
+    assert not h.file(f"{BACKUP_DIR}/restoring-{name}").exists, "the copied archive was left"
+
+
+def test_restore_playbook_without_an_archive_says_what_to_pass(host: Deployment) -> None:
+    run = host.playbook(playbook="restore.yml")
+    assert run.returncode != 0
+    assert "Name the archive to restore" in run.failure(), run.failure()
+    assert not any(result.get("changed") for _, result in run.tasks)
