@@ -312,6 +312,69 @@ def test_an_owner_grants_edit_then_manage_on_an_experiment_and_a_model(
     assert _refused_by_policy(_post(stack, dave, "registered-models/alias", alias))
 
 
+def test_bob_sees_carols_private_experiment_only_with_read_and_logs_into_it_only_with_edit(
+    stack: RunningStack,
+) -> None:
+    import time
+
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    name = f"private-{carol[0]}"
+    experiment_id = _post(stack, carol, "experiments/create", {
+        "name": name, "tags": [{"key": "trackgate.private", "value": "true"}]}).json()[
+        "experiment_id"]
+    run_id = _post(stack, carol, "runs/create",
+                   {"experiment_id": experiment_id}).json()["run"]["info"]["run_id"]
+    _post(stack, carol, "runs/log-metric", {"run_id": run_id, "key": "m", "value": 1,
+                                            "timestamp": 0})
+    time.sleep(2.5)  # every worker re-reads the private experiments within 2 s
+
+    def listed(who: tuple[str, str]) -> bool:
+        found = _post(stack, who, "experiments/search", {"max_results": 1000}).json()
+        return experiment_id in {e["experiment_id"] for e in found.get("experiments", [])}
+
+    def reads(who: tuple[str, str]) -> list[requests.Response]:
+        return [
+            stack.get(f"/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}",
+                      auth=who),
+            stack.get(f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}",
+                      auth=who),
+            stack.get("/ajax-api/2.0/mlflow/experiments/search?max_results=1000", auth=who),
+            _post(stack, who, "runs/search", {"experiment_ids": [experiment_id]}),
+            stack.get(f"/api/2.0/mlflow/runs/get?run_id={run_id}", auth=who),
+            stack.get(f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=m",
+                      auth=who),
+            stack.get(f"/api/2.0/mlflow/artifacts/list?run_id={run_id}", auth=who),
+            stack.get(f"/api/2.0/mlflow-artifacts/artifacts?path={experiment_id}/{run_id}",
+                      auth=who),
+            stack.request("POST", "/graphql", auth=who, json={
+                "query": "query q($id: String!) { mlflowGetRun(input: {runId: $id}) "
+                         "{ run { info { runId } } } }", "variables": {"id": run_id}}),
+        ]
+
+    assert listed(carol) and listed(("admin", stack.admin_password))
+    assert not listed(bob)
+    answers = reads(bob)
+    refused = [a for i, a in enumerate(answers) if i != 2]
+    assert all(_refused_by_policy(a) and "private" in a.text for a in refused), \
+        [(a.status_code, a.text[:120]) for a in refused]
+    assert experiment_id not in {e["experiment_id"] for e in answers[2].json()["experiments"]}
+    create = {"experiment_id": experiment_id}
+    assert _refused_by_policy(_post(stack, bob, "runs/create", create))
+
+    _post(stack, carol, "experiments/set-experiment-tag", {
+        "experiment_id": experiment_id, "key": f"trackgate.grant.{bob[0]}", "value": "READ"})
+    time.sleep(2.5)
+    assert listed(bob)
+    assert all(a.status_code == 200 for a in reads(bob)), [a.text[:120] for a in reads(bob)]
+    assert _refused_by_policy(_post(stack, bob, "runs/create", create))  # READ: no runs
+
+    _post(stack, carol, "experiments/set-experiment-tag", {
+        "experiment_id": experiment_id, "key": f"trackgate.grant.{bob[0]}", "value": "EDIT"})
+    time.sleep(2.5)
+    assert _post(stack, bob, "runs/create", create).status_code == 200
+
+
 # --- server-stamped authors and the audit log -------------------------------------------------
 
 

@@ -15,7 +15,9 @@ by its endpoint (handler) name and method:
 Grants: an experiment's or registered model's owner (or an admin, or a MANAGE grantee) tags it
 ``trackgate.grant.<user>`` = ``EDIT`` (log to its runs; add and tag model versions) or
 ``MANAGE`` (also rename, delete, tag, move aliases and stages), through MLflow's own API or UI.
-Reads are not restricted: READ grants and private experiments are not built.
+An experiment tagged ``trackgate.private`` = ``true`` is readable only by its owner, admins and
+users granted READ or more (PrivateExperiments; adding runs needs EDIT). While no experiment is
+private, reads keep their fast path.
 
 Owners are recorded by the server itself: a run's ``user_id`` (stamped here from the verified
 user, whatever the client sends), and a ``trackgate.owner`` tag that the server puts on every
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -61,6 +65,11 @@ OWNER_TAG = "trackgate.owner"
 # with `trackgate.grant.<user>` = EDIT or MANAGE (READ is accepted and changes nothing yet: every
 # user reads everything).
 GRANT_PREFIX = "trackgate.grant."
+# An experiment tagged trackgate.private = true is seen only by its owner, admins and users
+# granted READ or more: its id, runs, traces and logged models are refused to everyone else, and
+# experiment searches leave it out. Seen by every worker within PRIVATE_TTL seconds.
+PRIVATE_TAG = "trackgate.private"
+PRIVATE_TTL = 2.0
 LEVELS = {"READ": 1, "EDIT": 2, "MANAGE": 3}
 # Model writes that EDIT allows; every other model write (aliases, stages, rename, delete,
 # the model's tags) needs MANAGE.
@@ -310,12 +319,82 @@ def _without_keys(tags: Iterable[Any], key: str) -> list[Any]:
     return [t for t in tags if not (isinstance(t, dict) and t.get("key") == key)]
 
 
+_EXPERIMENT_REF = re.compile(
+    r"experiment[_a-z]*[\"']?\s*[:=]\s*\[?\s*((?:[\"']?\d+[\"']?[\s,]*)+)", re.IGNORECASE)
+_DIGITS = re.compile(r"\d+")
+_RUN_TOKEN = re.compile(r"(?<![0-9a-f-])[0-9a-f]{32}(?![0-9a-f])")
+_TRACE_TOKEN = re.compile(r"tr-[0-9a-f]{32}")
+_MODEL_TOKEN = re.compile(r"m-[0-9a-f]{32}")
+_EXPERIMENT_SEARCHES = frozenset({"_search_experiments"})
+
+
+class PrivateExperiments:
+    """The experiments tagged private, and their tags (owner, grants); re-read every few
+    seconds, so the read fast path pays one clock read while there are none."""
+
+    def __init__(self, owners: Owners, ttl: float = PRIVATE_TTL) -> None:
+        self.owners = owners
+        self.ttl = ttl
+        self._read_at = float("-inf")
+        self._tags: dict[str, dict[str, str]] = {}
+        self._lock = threading.Lock()
+        self._traces: OrderedDict[str, str] = OrderedDict()
+
+    def all(self) -> dict[str, dict[str, str]]:
+        if time.monotonic() - self._read_at > self.ttl:
+            with self._lock:
+                if time.monotonic() - self._read_at > self.ttl:
+                    self._tags = self._read()
+                    self._read_at = time.monotonic()
+        return self._tags
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        from mlflow.entities import ViewType
+
+        store = self.owners._tracking()
+        found: dict[str, dict[str, str]] = {}
+        token = None
+        while True:
+            page = store.search_experiments(
+                view_type=ViewType.ALL, max_results=1000, page_token=token,
+                filter_string=f"tags.`{PRIVATE_TAG}` = 'true'")
+            for experiment in page:
+                found[str(experiment.experiment_id)] = dict(experiment.tags or {})
+            token = getattr(page, "token", None)
+            if not token:
+                return found
+
+    def hidden_from(self, user: str | None, role: str) -> frozenset[str]:
+        """The private experiments USER may not read (empty for admins)."""
+        private = self.all()
+        if not private or role == ADMIN:
+            return frozenset()
+        return frozenset(
+            eid for eid, tags in private.items()
+            if user is None or (tags.get(OWNER_TAG) != user
+                                and LEVELS.get(tags.get(GRANT_PREFIX + user, ""), 0) < 1)
+        )
+
+    def trace_experiment(self, trace_id: str) -> str | None:
+        if trace_id in self._traces:
+            return self._traces[trace_id]
+        try:
+            experiment = self.owners._tracking().get_trace_info(trace_id).experiment_id
+        except Exception:
+            return None
+        self._traces[trace_id] = str(experiment)
+        if len(self._traces) > 20_000:
+            self._traces.popitem(last=False)
+        return str(experiment)
+
+
 class Access:
     """The role and owner checks, author stamping and audit lines (see the module docstring)."""
 
     def __init__(self, audit: AuditLog, owners: Owners | None = None) -> None:
         self.audit = audit
         self.owners = owners or Owners()
+        self.private = PrivateExperiments(self.owners)
 
     @staticmethod
     def install(app: Any) -> None:
@@ -341,12 +420,43 @@ class Access:
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "")
         write = is_write(endpoint, method)
-        if not write and rule is None:
+        if not write and rule is None and not self.private.all():
             return policy.app(environ, start_response)  # the read fast path
         user = unquote(environ.get(USER_ENVIRON) or "") or None
         role = environ.get(ROLE_ENVIRON, "")
         if role not in ROLES:
             role = VIEWER  # a user without a role the gateway vouched for only reads
+        hidden = self.private.hidden_from(user, role)
+        # READ on a private experiment is not enough to add runs to it: EDIT is.
+        creates = endpoint == "_create_run" and role != ADMIN and bool(self.private.all())
+        # Writes to runs and their artifacts are already the owner's or an EDIT grantee's:
+        # the log calls of the hot path are not scanned.
+        scanned = not write or WRITE_KINDS.get(endpoint) not in ("run", "artifact")
+        if (hidden or creates) and scanned and endpoint not in (
+            "health", "version", "static", "serve", "serve_static_file"
+        ):
+            return self._private(policy, endpoint, view_args, rule, environ, start_response,
+                                 write, user, role, hidden)
+        if not write and rule is None:
+            return policy.app(environ, start_response)
+        return self.handle_checked(policy, endpoint, view_args, rule, environ, start_response)
+
+    def handle_checked(
+        self,
+        policy: Policy,
+        endpoint: str,
+        view_args: dict[str, Any],
+        rule: Rule | None,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        """The policy's rule, the role and owner checks, stamping and the audit line."""
+        method = environ.get("REQUEST_METHOD", "")
+        write = is_write(endpoint, method)
+        user = unquote(environ.get(USER_ENVIRON) or "") or None
+        role = environ.get(ROLE_ENVIRON, "")
+        if role not in ROLES:
+            role = VIEWER
         call = Call(endpoint, method, user, view_args, environ=environ)
         kind = WRITE_KINDS.get(endpoint, "admin") if write else None
         try:
@@ -378,6 +488,113 @@ class Access:
         if endpoint == "_create_model_version" and user is not None:
             return self._stamped_version(policy, call, environ, audited)
         return policy.app(environ, audited)
+
+    # --- private experiments ----------------------------------------------------------------
+
+    def _private(
+        self, policy: Policy, endpoint: str, view_args: dict[str, Any], rule: Rule | None,
+        environ: dict[str, Any], start_response: StartResponse, write: bool, user: str | None,
+        role: str, hidden: frozenset[str],
+    ) -> Iterable[bytes]:
+        """A request from a user who may not read some private experiments: refused if it
+        names one of them (by id, name, or one of its runs, traces, logged models or artifact
+        paths); experiment searches come back without them."""
+        body: Any = None
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD") and endpoint not in (
+            "serve_upload_artifact", "_upload_artifact"
+        ):
+            try:
+                body = _read_json_body(environ, MAX_WRITE_BODY)
+            except PolicyViolation:
+                body = None  # not JSON (an upload): ids come from the path and query
+        named = self._named_experiments(endpoint, view_args, environ, body)
+        if endpoint == "_create_run" and named:
+            for experiment_id in named:
+                tags = self.private.all().get(experiment_id)
+                if tags is not None and role != ADMIN and tags.get(OWNER_TAG) != user and \
+                        LEVELS.get(tags.get(GRANT_PREFIX + (user or ""), ""), 0) < 2:
+                    hidden = hidden | {experiment_id}  # READ only: no runs of one's own
+        refused = sorted(named & hidden)
+        if refused:
+            exc = _forbidden(
+                f"user {user!r} (role {role!r}) may not {action_name(endpoint)}: experiment "
+                f"{', '.join(refused)} is private (its owner can grant READ or EDIT with the tag "
+                f"'{GRANT_PREFIX}{user}')")
+            self._log(Call(endpoint, environ.get("REQUEST_METHOD", ""), user, view_args,
+                           body=body, environ=environ), role, 403, refused=str(exc))
+            return _error(start_response, exc)
+        if endpoint in _EXPERIMENT_SEARCHES:
+            return self._filtered_search(policy, environ, start_response, hidden)
+        if not write and rule is None:
+            return policy.app(environ, start_response)
+        return self.handle_checked(policy, endpoint, view_args, rule, environ, start_response)
+
+    def _named_experiments(
+        self, endpoint: str, view_args: dict[str, Any], environ: dict[str, Any], body: Any
+    ) -> set[str]:
+        query = unquote(environ.get("QUERY_STRING", ""))
+        text = " ".join((environ.get("PATH_INFO", ""), query,
+                         json.dumps(body) if body is not None else "",
+                         json.dumps({k: str(v) for k, v in view_args.items()})))
+        named: set[str] = set()
+        for match in _EXPERIMENT_REF.finditer(text):
+            named.update(_DIGITS.findall(match.group(1)))
+        if endpoint == "_get_experiment_by_name":
+            for name in parse_qs(environ.get("QUERY_STRING", "")).get("experiment_name", []):
+                with contextlib.suppress(Exception):
+                    experiment = self.owners._tracking().get_experiment_by_name(name)
+                    if experiment is not None:
+                        named.add(str(experiment.experiment_id))
+        paths = [str(view_args.get("artifact_path", ""))]
+        paths += parse_qs(environ.get("QUERY_STRING", "")).get("path", [])
+        for path in paths:
+            head = path.strip("/").split("/", 1)[0]
+            if head.isdigit() and "artifact" in endpoint:
+                named.add(head)
+        for run_id in set(_RUN_TOKEN.findall(text)):
+            exists, _, experiment_id = self.owners.run(run_id)
+            if exists:
+                named.add(experiment_id)
+        for trace_id in set(_TRACE_TOKEN.findall(text)):
+            experiment_id = self.private.trace_experiment(trace_id)
+            if experiment_id:
+                named.add(experiment_id)
+        for model_id in set(_MODEL_TOKEN.findall(text)):
+            exists, _, experiment_id = self.owners.logged_model(model_id)
+            if exists:
+                named.add(experiment_id)
+        return named
+
+    def _filtered_search(
+        self, policy: Policy, environ: dict[str, Any], start_response: StartResponse,
+        hidden: frozenset[str],
+    ) -> Iterable[bytes]:
+        captured: dict[str, Any] = {}
+
+        def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            captured["status"], captured["headers"] = status, headers
+            return lambda data: None  # WSGI write(): MLflow (Flask) never uses it
+
+        result = policy.app(environ, capture)
+        try:
+            data = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        headers = captured.get("headers", [])
+        if captured.get("status", "").startswith("200"):
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                answer = json.loads(data)
+                answer["experiments"] = [
+                    e for e in answer.get("experiments", [])
+                    if str(e.get("experiment_id")) not in hidden
+                ]
+                data = json.dumps(answer).encode()
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(captured.get("status", "500 Internal Server Error"),
+                       [*headers, ("Content-Length", str(len(data)))])
+        return [data]
 
     # --- checks -----------------------------------------------------------------------------
 
@@ -555,7 +772,6 @@ class Access:
         self, policy: Policy, call: Call, environ: dict[str, Any], start_response: Any
     ) -> Iterable[bytes]:
         """Run create-model-version, then set the new version's user_id to the verified user."""
-        import json
 
         captured: dict[str, str] = {}
 
