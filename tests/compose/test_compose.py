@@ -6,8 +6,10 @@ with `docker compose exec`, persistence across `down`/`up`, a crashed container 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,15 @@ from ..test_host_guard import (  # noqa: F401
     test_spoofed_host_gets_no_answer_over_http,
     test_spoofed_host_gets_no_answer_over_https,
 )
-from .harness import ADMIN_LINE, VARIANT_FILES, ComposeProject, ComposeStack, write_env_file
+from .harness import (
+    ADMIN_LINE,
+    COMPOSE_DIR,
+    VARIANT_FILES,
+    ComposeProject,
+    ComposeStack,
+    docker_env,
+    write_env_file,
+)
 
 pytestmark = pytest.mark.compose
 
@@ -125,6 +135,12 @@ def test_compose_files_are_valid_and_only_nginx_publishes_ports_on_loopback(
         assert config[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
     read_only = {v["target"] for v in config["nginx"]["volumes"] if v.get("read_only")}
     assert read_only == {"/var/lib/trackgate/run", "/var/lib/trackgate/tls"}
+    # Every service, the backup one included, logs through the runtime with rotation.
+    every = json.loads(project.run("--profile", "backup", "config", "--format", "json").stdout)
+    assert "backup" in every["services"]
+    for name, svc in every["services"].items():
+        assert svc.get("logging") == {"driver": "json-file",
+                                      "options": {"max-size": "10m", "max-file": "5"}}, name
 
 
 def test_the_mlflow_client_logs_a_run_an_artifact_and_a_model_with_exported_credentials(
@@ -195,3 +211,41 @@ def test_no_container_runs_as_root_and_nginx_cannot_read_the_ca_key(stack: Compo
     assert "ca.key" not in seen.stdout
     assert stack.project.exec("nginx", "test", "-e", "/var/lib/trackgate/tls/ca-key/ca.key",
                               check=False).returncode != 0
+
+
+# README's compose backup line, run as written (from a directory of its own, with the project's
+# name, files and env file given by compose's environment variables).
+BACKUP_LINE = (
+    "(umask 077 && docker compose run --rm -T backup > trackgate-$(date -u +%Y%m%d-%H%M%S).tar)"
+)
+
+
+def test_the_documented_backup_line_archives_the_running_stack(
+    stack: ComposeStack, logged_run: str, tmp_path: Path
+) -> None:
+    assert BACKUP_LINE in (COMPOSE_DIR.parent / "README.md").read_text()
+    if stack.variant == "postgres":
+        pytest.skip("the app image has no pg_dump: the compose backup line is for sqlite")
+    project = stack.project
+    env = {
+        **docker_env(),
+        "COMPOSE_PROJECT_NAME": project.name,
+        "COMPOSE_FILE": os.pathsep.join(str(COMPOSE_DIR / name) for name in project.files),
+        "COMPOSE_ENV_FILES": str(project.env_file),
+        "TRACKGATE_ENV_FILE": str(project.env_file),
+    }
+    proc = subprocess.run(["bash", "-c", BACKUP_LINE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = tmp_path.glob("trackgate-*.tar")
+    assert archive.stat().st_mode & 0o777 == 0o600
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert {"manifest.json", "database/mlflow.db.gz"} <= set(names), names
+    roles = {entry["role"] for entry in manifest["members"].values()}
+    assert {"db", "artifact", "settings"} <= roles, roles
+    assert any(logged_run in name for name in names), "the logged run's artifacts are missing"
+    assert any(name.endswith("htpasswd") for name in names), names
+    # The stack kept serving: the backup container was a one-off, gone with --rm.
+    assert stack.get("/health").status_code == 200
