@@ -233,6 +233,7 @@ def test_restore_playbook_brings_back_the_backup_and_drops_what_came_after(
     assert "Restore the archive into the data directory." in ran, ran
     assert "Check that the run holds the logged metric." in ran, ran  # the role's smoke check
     checks.services_running(host)
+    checks.files_have_strict_modes(host)  # owners and modes as the role leaves them
 
     read = checks.mlflow_client(host, "read", kept)  # params, metrics and the artifact's bytes
     assert read["metrics"] == {"rmse": 0.25} and read["params"] == {"alpha": "0.5"}
