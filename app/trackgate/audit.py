@@ -21,11 +21,9 @@ from typing import Any
 
 from .settings import Settings
 
-AUDIT_FILE = "audit.log"
-
 
 def audit_path(settings: Settings) -> Path | None:
-    return None if settings.logs is None else settings.logs / AUDIT_FILE
+    return settings.audit_log
 
 
 def now_iso() -> str:

@@ -63,7 +63,7 @@ def prepare(settings: Settings) -> str | None:
     if account is not None:
         # Not the artifacts (the account wrote them), nor the CA key and the settings file:
         # root's alone (see tls.py; root refuses a settings file the account could change).
-        keep = (settings.data_dir / "artifacts", tls.ca_key_file(settings).parent,
+        keep = (Path(settings.artifacts_uri), settings.ca_key.parent,
                 settings.data_dir / SETTINGS_FILE_NAME)
         accounts.give_to(account, settings.data_dir, skip=keep)
         for outside in (settings.logs, settings.sockets):
@@ -97,7 +97,7 @@ _log = logging.getLogger("trackgate.provision")
 def kek_passphrase_file(settings: Settings) -> Path:
     """One random passphrase per install, mode 0600, beside the other secrets in the data dir
     (backed up with it)."""
-    return settings.data_dir / "secrets" / "mlflow-kek-passphrase"
+    return settings.kek_passphrase_file
 
 
 def ensure_kek_passphrase(settings: Settings) -> str | None:

@@ -28,7 +28,7 @@ _log = logging.getLogger("trackgate.roles")
 
 def roles_path(settings: Settings) -> Path:
     """The roles file: `roles` in the htpasswd file's directory."""
-    return settings.htpasswd.with_name("roles")
+    return settings.roles_file
 
 
 def validate_role(role: str) -> str:

@@ -258,6 +258,26 @@ class Settings(BaseSettings):
         return self.data_dir / "tls"
 
     @property
+    def ca_key(self) -> Path:
+        """The local CA's key, apart from what nginx reads (root's alone when root runs it)."""
+        return self.tls_dir / "ca-key" / "ca.key"
+
+    @property
+    def kek_passphrase_file(self) -> Path:
+        """MLflow's secret-store passphrase, one per install (0600, backed up with the rest)."""
+        return self.data_dir / "secrets" / "mlflow-kek-passphrase"
+
+    @property
+    def roles_file(self) -> Path:
+        """Each user's role, beside the htpasswd file."""
+        return self.htpasswd.with_name("roles")
+
+    @property
+    def audit_log(self) -> Path | None:
+        """One JSON line per write and login (None: logs go to stderr, as in containers)."""
+        return None if self.logs is None else self.logs / "audit.log"
+
+    @property
     def ca_cert(self) -> Path:
         """The local CA certificate clients trust (MLFLOW_TRACKING_SERVER_CERT_PATH)."""
         return self.tls_dir / "ca.pem"
@@ -362,6 +382,10 @@ class Settings(BaseSettings):
             "htpasswd": self.htpasswd,
             "tls_dir": self.tls_dir,
             "ca_cert": self.ca_cert if self.uses_local_ca else None,
+            "ca_key": self.ca_key if self.uses_local_ca else None,
+            "roles_file": self.roles_file,
+            "audit_log": self.audit_log,
+            "kek_passphrase_file": self.kek_passphrase_file,
             "cert_file": self.cert_file,
             "key_file": self.key_file,
             "run_dir": self.run_dir,

@@ -38,7 +38,7 @@ class TLSError(RuntimeError):
 
 def ca_key_file(settings: Settings) -> Path:
     """Where the local CA's key is kept, apart from what nginx reads."""
-    return settings.tls_dir / "ca-key" / "ca.key"
+    return settings.ca_key
 
 
 def ensure_certificates(settings: Settings, on_new_ca: Callable[[str], None] | None = None) -> bool:
