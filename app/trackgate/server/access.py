@@ -422,10 +422,7 @@ class Access:
         write = is_write(endpoint, method)
         if not write and rule is None and not self.private.all():
             return policy.app(environ, start_response)  # the read fast path
-        user = unquote(environ.get(USER_ENVIRON) or "") or None
-        role = environ.get(ROLE_ENVIRON, "")
-        if role not in ROLES:
-            role = VIEWER  # a user without a role the gateway vouched for only reads
+        user, role = _identity(environ)
         hidden = self.private.hidden_from(user, role)
         # READ on a private experiment is not enough to add runs to it: EDIT is.
         creates = endpoint == "_create_run" and role != ADMIN and bool(self.private.all())
@@ -453,10 +450,7 @@ class Access:
         """The policy's rule, the role and owner checks, stamping and the audit line."""
         method = environ.get("REQUEST_METHOD", "")
         write = is_write(endpoint, method)
-        user = unquote(environ.get(USER_ENVIRON) or "") or None
-        role = environ.get(ROLE_ENVIRON, "")
-        if role not in ROLES:
-            role = VIEWER
+        user, role = _identity(environ)
         call = Call(endpoint, method, user, view_args, environ=environ)
         kind = WRITE_KINDS.get(endpoint, "admin") if write else None
         try:
@@ -826,3 +820,10 @@ class Access:
         if refused is not None:
             event["refused"] = refused
         self.audit.write(event)
+
+
+def _identity(environ: dict[str, Any]) -> tuple[str | None, str]:
+    """The user and role the gateway vouched for (nginx passes them; clients cannot)."""
+    user = unquote(environ.get(USER_ENVIRON) or "") or None
+    role = environ.get(ROLE_ENVIRON, "")
+    return user, role if role in ROLES else VIEWER  # no role vouched for: it only reads
