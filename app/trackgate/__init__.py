@@ -1,14 +1,17 @@
 """trackgate: a private, password-protected MLflow server.
 
-The package by role (each module owns one job; see README "Where things live"):
+The package by role (each module owns one job; see README "Layout"):
 
-- ``settings``, ``users``, ``tls``, ``nginx``, ``database``, ``provision``, ``processes``:
-  shared building blocks every deployment uses (one settings object, one htpasswd store, one
-  nginx renderer/controller, the schema and its backups, first-run provisioning);
-- ``server/``: what runs behind nginx (the auth gateway with its credential cache and throttle,
-  the MLflow tracking server under gunicorn);
-- ``local/``: `trackgate up` on one machine without systemd or Docker (stack, supervisor,
-  probe) and `trackgate serve-model`;
+- shared building blocks every deployment uses: ``settings`` (the one settings object),
+  ``users`` and ``roles`` (the htpasswd store and who may do what), ``tls`` (local CA),
+  ``nginx`` (render, run, test, reload), ``database`` (schema and its backups), ``backup``
+  (archives: backup, restore, verify), ``audit`` (the audit log), ``provision`` (first run),
+  ``accounts`` (unprivileged accounts when started by root), ``processes`` (PIDs, ports, /proc);
+- ``server/``: what runs behind nginx: the auth gateway (``gateway``, ``credentials``,
+  ``throttle``), the MLflow tracking server (``tracking``, ``gunicorn``) and the policy layer in
+  front of MLflow's handlers (``policy``: artifact roots; ``access``: roles, owners, authors);
+- ``local/``: `trackgate up` on one machine without systemd or Docker (``stack``,
+  ``supervisor``, ``probe``) and `trackgate serve-model` (``serving``);
 - ``client/``: what training scripts use (``configure()``, ``check``, ``login``, the team SDK);
 - ``cli``: the `trackgate` command, thin wrappers over the above.
 
