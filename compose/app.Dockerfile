@@ -33,8 +33,9 @@ RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
  && /opt/trackgate/bin/trackgate --version
 
 FROM ${BASE}
+# pg_dump/pg_restore: `trackgate backup` and `restore` of a PostgreSQL store (compose.postgres).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 postgresql-client-15 \
  && apt-get clean && rm -rf /var/lib/apt/lists/*
 # A fixed uid/gid, shared with the nginx image: nginx reads the key the init service wrote.
 ARG UID=10001

@@ -224,8 +224,6 @@ def test_the_documented_backup_line_archives_the_running_stack(
     stack: ComposeStack, logged_run: str, tmp_path: Path
 ) -> None:
     assert BACKUP_LINE in (COMPOSE_DIR.parent / "README.md").read_text()
-    if stack.variant == "postgres":
-        pytest.skip("the app image has no pg_dump: the compose backup line is for sqlite")
     project = stack.project
     env = {
         **docker_env(),
@@ -242,7 +240,8 @@ def test_the_documented_backup_line_archives_the_running_stack(
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
-    assert {"manifest.json", "database/mlflow.db.gz"} <= set(names), names
+    database = "database/mlflow.pgdump" if stack.variant == "postgres" else "database/mlflow.db.gz"
+    assert {"manifest.json", database} <= set(names), names
     roles = {entry["role"] for entry in manifest["members"].values()}
     assert {"db", "artifact", "settings"} <= roles, roles
     assert any(logged_run in name for name in names), "the logged run's artifacts are missing"
