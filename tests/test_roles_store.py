@@ -1,5 +1,5 @@
-"""The roles file and the audit log on their own (no server): defaults, fail-closed reads,
-reload on change, rotation and the `trackgate audit` filters."""
+"""The roles and groups files and the audit log on their own (no server): defaults, fail-closed
+reads, reload on change, grants through groups, rotation and the `trackgate audit` filters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from trackgate.audit import AuditLog, parse_since, read_events
+from trackgate.groups import GroupsStore, GroupsWatcher
 from trackgate.roles import RolesStore, RolesWatcher
+from trackgate.server.access import granted
 from trackgate.users import UserError
 
 
@@ -50,6 +52,47 @@ def test_an_unreadable_roles_file_makes_everyone_a_viewer(tmp_path: Path) -> Non
     assert watcher.role_for("alice") == "viewer"  # still, on the next lookup
     path.write_bytes(b"alice:admin\n")
     assert watcher.role_for("alice") == "admin"
+
+
+def test_groups_are_written_like_roles_and_seen_on_the_next_lookup(tmp_path: Path) -> None:
+    path = tmp_path / "groups"
+    store, watcher = GroupsStore(path), GroupsWatcher(path)
+    assert watcher.groups_of("bob") == frozenset()  # no file: nobody is in a group
+    store.add("analysts", ["bob", "carol"])
+    store.add("analysts", ["bob"])  # already in: unchanged
+    store.add("ops", ["bob"])
+    assert store.read() == {"analysts": ["bob", "carol"], "ops": ["bob"]}
+    assert watcher.groups_of("bob") == {"analysts", "ops"}
+    store.remove("analysts", ["bob"])
+    assert watcher.groups_of("bob") == {"ops"} and watcher.groups_of("carol") == {"analysts"}
+    store.remove("ops", ["bob"])  # left empty: the group goes
+    assert "ops" not in store.read() and watcher.groups_of("bob") == frozenset()
+    with pytest.raises(UserError, match="no group"):
+        store.remove("ops", ["bob"])
+    for bad in ("a:b", "#x", "two words", ""):
+        with pytest.raises(UserError):
+            store.add(bad, ["bob"])
+    with pytest.raises(UserError, match="username"):
+        store.add("analysts", ["bo b:x"])
+    path.write_bytes(b"analysts:bob\ncaf\xe9:carol\n")  # unreadable: nobody is in a group
+    assert watcher.groups_of("bob") == frozenset()
+
+
+def test_a_grant_level_comes_from_the_user_or_their_groups() -> None:
+    asked: list[int] = []
+
+    def groups() -> frozenset[str]:
+        asked.append(1)
+        return frozenset({"analysts"})
+
+    tags = {"trackgate.grant.bob": "READ", "trackgate.owner": "carol"}
+    assert granted(tags, "bob", groups) == 1 and not asked  # no group grant: never asked
+    assert granted({**tags, "trackgate.grant.group:analysts": "EDIT"}, "bob", groups) == 2
+    assert granted({"trackgate.grant.group:ops": "MANAGE"}, "bob", groups) == 0
+    assert granted({"trackgate.grant.group:analysts": "ALL"}, "bob", groups) == 0
+    assert granted({"trackgate.grant.group:analysts": "EDIT"}, None, groups) == 0
+    # a user named like the group is not its member
+    assert granted({"trackgate.grant.analysts": "EDIT"}, "bob", groups) == 0
 
 
 def test_the_audit_log_survives_rotation_and_filters(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import click
 from pydantic import ValidationError
 
 from . import accounts, client, database, nginx, provision, tls
+from .groups import GroupsStore, groups_path
 from .local import stack
 from .roles import DEFAULT_ROLE, ROLES, RolesStore, roles_path
 from .settings import ENV_PREFIX, Settings, SettingsFileError, load_settings
@@ -328,6 +329,54 @@ def users_verify(name: str, password_stdin: bool, **values: Any) -> None:
     if not store.verify(name, read_password(from_stdin=password_stdin, new=False)):
         _fail(f"wrong password or no user {name!r}")
     click.echo("ok")
+
+
+# --- groups ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def groups() -> None:
+    """Manage groups: a grant tag `trackgate.grant.group:GROUP` gives its level to every member
+    (changes apply on the next request, no restart)."""
+
+
+def _groups(values: dict[str, Any]) -> GroupsStore:
+    return GroupsStore(groups_path(_settings(values)))
+
+
+@groups.command("add")
+@click.argument("group")
+@click.argument("users", nargs=-1, required=True)
+@setting_options(*USER_OPTIONS)
+@_guard
+def groups_add(group: str, users: tuple[str, ...], **values: Any) -> None:
+    """Put USERS into GROUP (created if new)."""
+    known = _store(values).read()
+    for user in users:
+        if normalize_username(user) not in known:
+            click.echo(f"trackgate: warning: no user {user!r} (yet)", err=True)
+    _groups(values).add(group, list(users))
+    click.echo(f"{group}: added {' '.join(users)}")
+
+
+@groups.command("remove")
+@click.argument("group")
+@click.argument("users", nargs=-1, required=True)
+@setting_options(*USER_OPTIONS)
+@_guard
+def groups_remove(group: str, users: tuple[str, ...], **values: Any) -> None:
+    """Take USERS out of GROUP (a group left empty is removed); applies on their next request."""
+    _groups(values).remove(group, list(users))
+    click.echo(f"{group}: removed {' '.join(users)}")
+
+
+@groups.command("list")
+@setting_options(*USER_OPTIONS)
+@_guard
+def groups_list(**values: Any) -> None:
+    """List the groups and their members, one group per line."""
+    for group, members in sorted(_groups(values).read().items()):
+        click.echo(f"{group}  {' '.join(members)}")
 
 
 # --- audit log ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import secrets
 from pathlib import Path
 
 from . import accounts, nginx, tls
+from .groups import GroupsStore
 from .settings import SETTINGS_FILE_NAME, Settings
 from .users import HtpasswdStore
 
@@ -59,6 +60,7 @@ def prepare(settings: Settings) -> str | None:
     _install_operator_certificate(settings)
     ensure_kek_passphrase(settings)
     password = ensure_admin(settings)
+    GroupsStore(settings.groups_file).create()
     nginx.write_if_changed(settings.nginx_conf, nginx.render(settings, standalone=True))
     if account is not None:
         # Not the artifacts (the account wrote them), nor the CA key and the settings file:

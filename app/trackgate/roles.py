@@ -79,17 +79,18 @@ class RolesStore:
             roles.pop(name, None)
 
 
-class RolesWatcher:
-    """The roles file, reloaded whenever it is replaced or changed (as the htpasswd watcher)."""
+class WatchedFile:
+    """A `name:value` file beside the htpasswd file (roles, groups), re-read whenever it is
+    replaced or changed: one stat() per lookup. An unreadable file reads as None, and each
+    user of this class says what that means (fail closed)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
-        self._roles: dict[str, str] = {}
-        self._broken = False
+        self._lines: dict[str, str] | None = {}
         self._lock = threading.Lock()
 
-    def role_for(self, username: str) -> str:
+    def lines(self) -> dict[str, str] | None:
         try:
             st = os.stat(self.path)
             stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -97,15 +98,27 @@ class RolesWatcher:
             stamp = None
         if stamp != self._stamp:
             with self._lock:
-                self._broken = False
                 try:
-                    self._roles = parse(decode(self.path.read_bytes(), self.path)) if stamp else {}
+                    lines: dict[str, str] | None = (
+                        parse(decode(self.path.read_bytes(), self.path)) if stamp else {})
                 except FileNotFoundError:
-                    self._roles = {}
-                except (UserError, OSError) as exc:  # fail closed: everyone only reads
-                    _log.error("roles file unreadable, everyone is a viewer: %s", exc)
-                    self._roles, self._broken = {}, True
-                self._stamp = stamp
-        if self._broken:
+                    lines = {}
+                except (UserError, OSError) as exc:
+                    _log.error("%s unreadable: %s", self.path, exc)
+                    lines = None
+                self._loaded(lines)
+                self._lines, self._stamp = lines, stamp
+        return self._lines
+
+    def _loaded(self, lines: dict[str, str] | None) -> None:
+        """Called (under the lock) with each new reading: derive what lookups need."""
+
+
+class RolesWatcher(WatchedFile):
+    """The roles file; while it is unreadable everyone is a viewer."""
+
+    def role_for(self, username: str) -> str:
+        roles = self.lines()
+        if roles is None:
             return VIEWER
-        return _effective(self._roles.get(username))
+        return _effective(roles.get(username))

@@ -273,6 +273,11 @@ class Settings(BaseSettings):
         return self.htpasswd.with_name("roles")
 
     @property
+    def groups_file(self) -> Path:
+        """Group members (grants may name a group), beside the roles file."""
+        return self.htpasswd.with_name("groups")
+
+    @property
     def audit_log(self) -> Path | None:
         """One JSON line per write and login (None: logs go to stderr, as in containers)."""
         return None if self.logs is None else self.logs / "audit.log"
@@ -384,6 +389,7 @@ class Settings(BaseSettings):
             "ca_cert": self.ca_cert if self.uses_local_ca else None,
             "ca_key": self.ca_key if self.uses_local_ca else None,
             "roles_file": self.roles_file,
+            "groups_file": self.groups_file,
             "audit_log": self.audit_log,
             "kek_passphrase_file": self.kek_passphrase_file,
             "cert_file": self.cert_file,

@@ -375,6 +375,68 @@ def test_bob_sees_carols_private_experiment_only_with_read_and_logs_into_it_only
     assert _post(stack, bob, "runs/create", create).status_code == 200
 
 
+def test_a_grant_to_a_group_reaches_its_members_on_their_next_request(
+    stack: RunningStack,
+) -> None:
+    """`trackgate.grant.group:NAME`: READ shows a private experiment, EDIT lets members log into
+    it and MANAGE lets them move a model's alias; membership changes apply at once."""
+    import time
+
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    group = f"analysts-{carol[0]}"
+    data_dir = ("--data-dir", str(stack.settings.data_dir))
+    experiment_id = _post(stack, carol, "experiments/create", {
+        "name": f"grouped-{carol[0]}", "tags": [{"key": "trackgate.private", "value": "true"}],
+    }).json()["experiment_id"]
+    run_id = _post(stack, carol, "runs/create",
+                   {"experiment_id": experiment_id}).json()["run"]["info"]["run_id"]
+    get = f"/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}"
+    metric = {"run_id": run_id, "key": "m", "value": 1, "timestamp": 0}
+
+    def grant(level: str) -> None:
+        assert _post(stack, carol, "experiments/set-experiment-tag", {
+            "experiment_id": experiment_id, "key": f"trackgate.grant.group:{group}",
+            "value": level}).status_code == 200
+        time.sleep(2.5)  # every worker re-reads the private experiments within 2 s
+
+    def groups(*args: str) -> None:
+        result = trackgate("groups", *args, *data_dir)
+        assert result.returncode == 0, result.stderr
+
+    time.sleep(2.5)
+    assert _refused_by_policy(stack.get(get, auth=bob))
+    grant("READ")
+    assert _refused_by_policy(stack.get(get, auth=bob))  # not a member yet
+    groups("add", group, bob[0])
+    assert f"{group}  {bob[0]}" in trackgate("groups", "list", *data_dir).stdout.splitlines()
+    assert stack.get(get, auth=bob).status_code == 200
+    assert _refused_by_policy(_post(stack, bob, "runs/create", {"experiment_id": experiment_id}))
+    assert _refused_by_policy(_post(stack, bob, "runs/log-metric", metric))
+    groups("remove", group, bob[0])
+    assert _refused_by_policy(stack.get(get, auth=bob))  # the next request
+
+    groups("add", group, bob[0])
+    grant("EDIT")
+    assert _post(stack, bob, "runs/create", {"experiment_id": experiment_id}).status_code == 200
+    assert _post(stack, bob, "runs/log-metric", metric).status_code == 200
+    # EDIT is not MANAGE; the refusal tells how a group would be granted it
+    answer = _post(stack, bob, "experiments/update",
+                   {"experiment_id": experiment_id, "new_name": f"bobs-{carol[0]}"})
+    assert _refused_by_policy(answer) and "trackgate.grant.group:" in answer.json()["message"]
+
+    model = f"grouped-model-{carol[0]}"
+    _post(stack, carol, "registered-models/create", {"name": model})
+    _post(stack, carol, "model-versions/create", {"name": model, "run_id": run_id,
+                                                  "source": f"runs:/{run_id}/model"})
+    alias = {"name": model, "alias": "champion", "version": "1"}
+    assert _refused_by_policy(_post(stack, bob, "registered-models/alias", alias))
+    assert _post(stack, carol, "registered-models/set-tag", {
+        "name": model, "key": f"trackgate.grant.group:{group}", "value": "MANAGE"},
+    ).status_code == 200
+    assert _post(stack, bob, "registered-models/alias", alias).status_code == 200
+
+
 # --- server-stamped authors and the audit log -------------------------------------------------
 
 

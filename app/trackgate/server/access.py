@@ -14,7 +14,9 @@ by its endpoint (handler) name and method:
 
 Grants: an experiment's or registered model's owner (or an admin, or a MANAGE grantee) tags it
 ``trackgate.grant.<user>`` = ``EDIT`` (log to its runs; add and tag model versions) or
-``MANAGE`` (also rename, delete, tag, move aliases and stages), through MLflow's own API or UI.
+``MANAGE`` (also rename, delete, tag, move aliases and stages), through MLflow's own API or UI;
+``trackgate.grant.group:<group>`` grants the same to every member of a group (groups.py; the
+groups file is read only when a resource carries such a tag, once per request).
 An experiment tagged ``trackgate.private`` = ``true`` is readable only by its owner, admins and
 users granted READ or more (PrivateExperiments; adding runs needs EDIT). While no experiment is
 private, reads keep their fast path.
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from ..audit import AuditLog
+from ..groups import GroupsWatcher
 from ..roles import ADMIN, EDITOR, ROLES, VIEWER
 from .policy import (
     USER_ENVIRON,
@@ -65,6 +68,9 @@ OWNER_TAG = "trackgate.owner"
 # with `trackgate.grant.<user>` = EDIT or MANAGE (READ is accepted and changes nothing yet: every
 # user reads everything).
 GRANT_PREFIX = "trackgate.grant."
+# ... or `trackgate.grant.group:<group>`: every member of the group (a username holds no ':').
+GROUP_GRANT_PREFIX = GRANT_PREFIX + "group:"
+GROUPS_ENVIRON = "trackgate.groups"  # this request's user's groups, read at most once
 # An experiment tagged trackgate.private = true is seen only by its owner, admins and users
 # granted READ or more: its id, runs, traces and logged models are refused to everyone else, and
 # experiment searches leave it out. Seen by every worker within PRIVATE_TTL seconds.
@@ -288,6 +294,26 @@ class _Owned:
     granted_on: str  # where a grant for this resource is set, for the refusal
 
 
+def granted(tags: dict[str, str], user: str | None,
+            groups: Callable[[], frozenset[str]]) -> int:
+    """The grant level (LEVELS) TAGS give USER, directly or through a group; 0 for none.
+    GROUPS (the user's groups) is called only if a group is granted something here."""
+    if not user:
+        return 0
+    level = LEVELS.get(tags.get(GRANT_PREFIX + user, ""), 0)
+    named = [key for key in tags if key.startswith(GROUP_GRANT_PREFIX)]
+    if named and level < LEVELS["MANAGE"]:
+        mine = groups()
+        for key in named:
+            if key[len(GROUP_GRANT_PREFIX):] in mine:
+                level = max(level, LEVELS.get(tags[key], 0))
+    return level
+
+
+def _no_groups() -> frozenset[str]:
+    return frozenset()
+
+
 def _forbidden(message: str) -> PolicyViolation:
     return PolicyViolation(message, "403 Forbidden", "PERMISSION_DENIED")
 
@@ -364,15 +390,15 @@ class PrivateExperiments:
             if not token:
                 return found
 
-    def hidden_from(self, user: str | None, role: str) -> frozenset[str]:
-        """The private experiments USER may not read (empty for admins)."""
+    def hidden_from(self, user: str | None, role: str,
+                    groups: Callable[[], frozenset[str]] = _no_groups) -> frozenset[str]:
+        """The private experiments USER (in GROUPS) may not read (empty for admins)."""
         private = self.all()
         if not private or role == ADMIN:
             return frozenset()
         return frozenset(
             eid for eid, tags in private.items()
-            if user is None or (tags.get(OWNER_TAG) != user
-                                and LEVELS.get(tags.get(GRANT_PREFIX + user, ""), 0) < 1)
+            if user is None or (tags.get(OWNER_TAG) != user and granted(tags, user, groups) < 1)
         )
 
     def trace_experiment(self, trace_id: str) -> str | None:
@@ -391,10 +417,28 @@ class PrivateExperiments:
 class Access:
     """The role and owner checks, author stamping and audit lines (see the module docstring)."""
 
-    def __init__(self, audit: AuditLog, owners: Owners | None = None) -> None:
+    def __init__(self, audit: AuditLog, owners: Owners | None = None,
+                 groups: GroupsWatcher | None = None) -> None:
         self.audit = audit
         self.owners = owners or Owners()
         self.private = PrivateExperiments(self.owners)
+        self.groups = groups  # None: grants to groups give nothing
+
+    def _groups_of(self, environ: dict[str, Any], user: str | None) -> Callable[[], frozenset[str]]:
+        """USER's groups, read from the groups file at most once for this request, and only
+        if a grant check asks."""
+        lazy = environ.get(GROUPS_ENVIRON)
+        if lazy is None:
+            found: list[frozenset[str]] = []
+
+            def lazy() -> frozenset[str]:
+                if not found:
+                    found.append(self.groups.groups_of(user) if self.groups and user
+                                 else frozenset())
+                return found[0]
+
+            environ[GROUPS_ENVIRON] = lazy
+        return lazy  # type: ignore[no-any-return]
 
     @staticmethod
     def install(app: Any) -> None:
@@ -423,7 +467,7 @@ class Access:
         if not write and rule is None and not self.private.all():
             return policy.app(environ, start_response)  # the read fast path
         user, role = _identity(environ)
-        hidden = self.private.hidden_from(user, role)
+        hidden = self.private.hidden_from(user, role, self._groups_of(environ, user))
         # READ on a private experiment is not enough to add runs to it: EDIT is.
         creates = endpoint == "_create_run" and role != ADMIN and bool(self.private.all())
         # Writes to runs and their artifacts are already the owner's or an EDIT grantee's:
@@ -506,7 +550,7 @@ class Access:
             for experiment_id in named:
                 tags = self.private.all().get(experiment_id)
                 if tags is not None and role != ADMIN and tags.get(OWNER_TAG) != user and \
-                        LEVELS.get(tags.get(GRANT_PREFIX + (user or ""), ""), 0) < 2:
+                        granted(tags, user, self._groups_of(environ, user)) < 2:
                     hidden = hidden | {experiment_id}  # READ only: no runs of one's own
         refused = sorted(named & hidden)
         if refused:
@@ -617,14 +661,15 @@ class Access:
                 continue
             needed = "EDIT" if kind in ("run", "artifact", "logged_model") \
                 or call.endpoint in _MODEL_EDITS else "MANAGE"
-            granted = owned.grants().get(GRANT_PREFIX + call.user, "")
-            if LEVELS.get(granted, 0) >= LEVELS[needed]:
+            if granted(owned.grants(), call.user,
+                       self._groups_of(call.environ, call.user)) >= LEVELS[needed]:
                 continue
             whose = f"its owner {owned.owner!r}" if owned.owner else "its owner (none recorded)"
             raise _forbidden(
                 f"user {call.user!r} (role 'editor') may not {action} on {owned.what} "
                 f"{owned.ident!r}: only {whose}, a user granted {needed} on {owned.granted_on} "
-                f"(tag '{GRANT_PREFIX}{call.user}' = {needed}) or an admin may."
+                f"(tag '{GRANT_PREFIX}{call.user}' = {needed}, or a group of theirs: "
+                f"'{GROUP_GRANT_PREFIX}GROUP') or an admin may."
             )
 
     def _owned(self, call: Call, kind: str) -> Iterable[_Owned]:
