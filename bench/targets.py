@@ -1,7 +1,9 @@
 """The four servers the benchmark compares, each started on free loopback ports and stopped by PID.
 
-- bare: `trackgate serve tracking` (gunicorn + `mlflow.server:app`), no proxy, no auth;
-- trackgate: the full stack (`trackgate up`: nginx + TLS + auth gateway + the same gunicorn);
+- bare: plain `mlflow.server:app` under trackgate's gunicorn options (bench/bare_mlflow.py), no
+  proxy, no auth, no policy layer;
+- trackgate: the full stack (`trackgate up`: nginx + TLS + auth gateway + the same gunicorn,
+  with the policy layer: artifact roots, roles, owners, audit log);
 - textbook: nginx `auth_basic` with a bcrypt-12 htpasswd and TLS in front of the *bare* gunicorn;
 - mlflow-auth: MLflow's basic-auth app (`mlflow.server.auth:create_app`) with its credential cache
   on, under the same gunicorn options (see bench/mlflow_auth.py).
@@ -120,12 +122,13 @@ def tracking_settings(data_dir: Path, port: int) -> Settings:
 
 @contextlib.contextmanager
 def bare_gunicorn(work: Path) -> Iterator[Target]:
-    """`trackgate serve tracking` on a free port: what the stack runs behind nginx."""
+    """Plain MLflow under the gunicorn options the stack uses (bench/bare_mlflow.py), on a free
+    port: no policy layer, no nginx, no TLS."""
     port = free_port()
-    settings = tracking_settings(work / "bare", port)
-    log = work / "bare" / "serve.out"
-    proc = _spawn([sys.executable, "-m", "trackgate", "serve", "tracking"],
-                  clean_env(**settings.to_env()), log)
+    base = work / "bare"
+    log = base / "serve.out"
+    proc = _spawn([sys.executable, "-m", "bench.bare_mlflow", str(base), str(port)],
+                  clean_env(), log)
     try:
         _wait_http_ok(port, proc, "bare gunicorn", log)
         yield Target("bare", f"http://127.0.0.1:{port}", root_pid=proc.pid)
