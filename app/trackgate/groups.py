@@ -2,8 +2,9 @@
 
 The groups file has one ``group:user user ...`` line per group (usernames hold no whitespace)
 and is written like the roles file, by the same code: under an exclusive lock, to a temporary
-file that is fsynced and renamed over the original. The tracking server re-reads it when it
-changes, and only when a grant check needs it: a change applies on the next request.
+file that is fsynced and renamed over the original. The gateway re-reads it when it changes and
+vouches for a user's groups in X-Trackgate-Groups, as for the role: a change applies on the next
+request, and the tracking server needs no users file (compose, several hosts).
 
 An experiment or registered model tagged ``trackgate.grant.group:NAME`` = READ, EDIT or MANAGE
 grants that level to every member of NAME (a username holds no ``:``, so the tag never names a
@@ -74,7 +75,7 @@ class GroupsStore:
 
 
 class GroupsWatcher(WatchedFile):
-    """The groups file as the tracking server reads it: user -> the groups they are in."""
+    """The groups file as the gateway reads it: user -> the groups they are in."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)

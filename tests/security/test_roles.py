@@ -408,6 +408,9 @@ def test_a_grant_to_a_group_reaches_its_members_on_their_next_request(
     assert _refused_by_policy(stack.get(get, auth=bob))
     grant("READ")
     assert _refused_by_policy(stack.get(get, auth=bob))  # not a member yet
+    # only the gateway vouches for groups: a client's own copy of the header is dropped
+    forged = stack.get(get, auth=bob, headers={"X-Trackgate-Groups": group})
+    assert _refused_by_policy(forged)
     groups("add", group, bob[0])
     assert f"{group}  {bob[0]}" in trackgate("groups", "list", *data_dir).stdout.splitlines()
     assert stack.get(get, auth=bob).status_code == 200

@@ -16,7 +16,7 @@ Grants: an experiment's or registered model's owner (or an admin, or a MANAGE gr
 ``trackgate.grant.<user>`` = ``EDIT`` (log to its runs; add and tag model versions) or
 ``MANAGE`` (also rename, delete, tag, move aliases and stages), through MLflow's own API or UI;
 ``trackgate.grant.group:<group>`` grants the same to every member of a group (groups.py; the
-groups file is read only when a resource carries such a tag, once per request).
+gateway vouches for the user's groups, read here only when a resource carries such a tag).
 An experiment tagged ``trackgate.private`` = ``true`` is readable only by its owner, admins and
 users granted READ or more (PrivateExperiments; adding runs needs EDIT). While no experiment is
 private, reads keep their fast path.
@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from ..audit import AuditLog
-from ..groups import GroupsWatcher
 from ..roles import ADMIN, EDITOR, ROLES, VIEWER
 from .policy import (
     USER_ENVIRON,
@@ -70,7 +69,8 @@ OWNER_TAG = "trackgate.owner"
 GRANT_PREFIX = "trackgate.grant."
 # ... or `trackgate.grant.group:<group>`: every member of the group (a username holds no ':').
 GROUP_GRANT_PREFIX = GRANT_PREFIX + "group:"
-GROUPS_ENVIRON = "trackgate.groups"  # this request's user's groups, read at most once
+GROUPS_ENVIRON = "trackgate.groups"  # this request's user's groups, parsed at most once
+GROUPS_HTTP_ENVIRON = "HTTP_X_TRACKGATE_GROUPS"
 # An experiment tagged trackgate.private = true is seen only by its owner, admins and users
 # granted READ or more: its id, runs, traces and logged models are refused to everyone else, and
 # experiment searches leave it out. Seen by every worker within PRIVATE_TTL seconds.
@@ -417,24 +417,23 @@ class PrivateExperiments:
 class Access:
     """The role and owner checks, author stamping and audit lines (see the module docstring)."""
 
-    def __init__(self, audit: AuditLog, owners: Owners | None = None,
-                 groups: GroupsWatcher | None = None) -> None:
+    def __init__(self, audit: AuditLog, owners: Owners | None = None) -> None:
         self.audit = audit
         self.owners = owners or Owners()
         self.private = PrivateExperiments(self.owners)
-        self.groups = groups  # None: grants to groups give nothing
 
-    def _groups_of(self, environ: dict[str, Any], user: str | None) -> Callable[[], frozenset[str]]:
-        """USER's groups, read from the groups file at most once for this request, and only
-        if a grant check asks."""
+    @staticmethod
+    def _groups_of(environ: dict[str, Any], user: str | None) -> Callable[[], frozenset[str]]:
+        """USER's groups, as the gateway vouched for them (nginx passes X-Trackgate-Groups and
+        drops any client copy); parsed only if a grant check asks, at most once a request."""
         lazy = environ.get(GROUPS_ENVIRON)
         if lazy is None:
             found: list[frozenset[str]] = []
 
             def lazy() -> frozenset[str]:
                 if not found:
-                    found.append(self.groups.groups_of(user) if self.groups and user
-                                 else frozenset())
+                    header = environ.get(GROUPS_HTTP_ENVIRON, "") if user else ""
+                    found.append(frozenset(unquote(g) for g in header.split(",") if g))
                 return found[0]
 
             environ[GROUPS_ENVIRON] = lazy

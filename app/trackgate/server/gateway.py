@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..audit import AuditLog, audit_path
+from ..groups import GroupsWatcher, groups_path
 from ..roles import RolesWatcher, roles_path
 from ..settings import Settings
 from ..users import UserError, decode, enabled_users, hash_password, normalize_username, verify_hash
@@ -34,6 +35,9 @@ from .throttle import LoginThrottle
 
 USER_HEADER = "X-Trackgate-User"
 ROLE_HEADER = "X-Trackgate-Role"  # viewer, editor or admin (roles.py); nginx passes it on
+# The user's groups (groups.py), each percent-encoded, comma-separated; nginx passes it on, so the
+# tracking server needs no users file of its own.
+GROUPS_HEADER = "X-Trackgate-Groups"
 THROTTLED_HEADER = "X-Trackgate-Throttled"  # why a 403 (429 for the client), for its body
 REALM = "trackgate"
 _log = logging.getLogger("trackgate.gateway")
@@ -102,6 +106,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.users = HtpasswdWatcher(settings.htpasswd)
         self.roles = RolesWatcher(roles_path(settings))
+        self.groups = GroupsWatcher(groups_path(settings))
         # Logins checked with bcrypt (not the cached ones: those are every request) go here.
         self.audit = AuditLog(audit_path(settings))
         self.cache = CredentialCache(settings.cache_size, settings.cache_ttl)
@@ -150,7 +155,8 @@ class Gateway:
         current_hash = self.users.hash_for(username)
         if current_hash is not None and self.cache.hit(username, password, current_hash):
             self._count("cache_hits", "allowed")
-            return _allow(start_response, username, self.roles.role_for(username))
+            return _allow(start_response, username, self.roles.role_for(username),
+                          self.groups.groups_of(username))
 
         client_ip = environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", "")
         refusal = self.throttle.check(client_ip, username)
@@ -168,7 +174,7 @@ class Gateway:
             self._count("allowed")
             role = self.roles.role_for(username)
             self._audit_login(environ, username, "login", 204, role)
-            return _allow(start_response, username, role)
+            return _allow(start_response, username, role, self.groups.groups_of(username))
         self.throttle.record_failure(client_ip, username)
         self._count("refused")
         self._audit_login(environ, username, "login_failed", 401)
@@ -229,9 +235,11 @@ def _answer(
     return [body]
 
 
-def _allow(start_response: StartResponse, username: str, role: str) -> list[bytes]:
+def _allow(start_response: StartResponse, username: str, role: str,
+           groups: frozenset[str] = frozenset()) -> list[bytes]:
     # Latin-1 is all an HTTP header can carry; other names are percent-encoded.
-    headers = [(USER_HEADER, quote(username, safe="")), (ROLE_HEADER, role)]
+    headers = [(USER_HEADER, quote(username, safe="")), (ROLE_HEADER, role),
+               (GROUPS_HEADER, ",".join(quote(g, safe="") for g in sorted(groups)))]
     return _answer(start_response, "204 No Content", headers)
 
 

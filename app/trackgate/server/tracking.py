@@ -40,13 +40,12 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     from mlflow.server import app
 
     from ..audit import AuditLog, audit_path
-    from ..groups import GroupsWatcher, groups_path
     from .access import Access
     from .policy import Policy
 
     root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", "mlflow-artifacts:/")
     settings = settings or Settings()
-    access = Access(AuditLog(audit_path(settings)), groups=GroupsWatcher(groups_path(settings)))
+    access = Access(AuditLog(audit_path(settings)))
     access.install(app)
     return Policy(app, artifact_root=root, access=access)
 
