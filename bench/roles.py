@@ -30,13 +30,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from trackgate.local.stack import running_pid
 
-from tests.support import RunningStack, running_stack
+from tests.support import RunningStack, patched_environ, running_stack
 
 from . import cpu, report
 from . import targets as tg
@@ -65,20 +64,6 @@ _tracking._load_mlflow = _load_mlflow
 '''
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _stacks(stack: contextlib.ExitStack, work: Path) -> tuple[dict[str, RunningStack], str]:
     hook = work / "off-hook"
     hook.mkdir(mode=0o755)
@@ -87,7 +72,7 @@ def _stacks(stack: contextlib.ExitStack, work: Path) -> tuple[dict[str, RunningS
     stacks: dict[str, RunningStack] = {}
     for name in VARIANTS:
         extra = {"PYTHONPATH": str(hook)} if name == "off" else {}
-        with _environ(**extra):  # the supervisor and its children keep the environment of `up`
+        with patched_environ(extra):  # the supervisor and its children keep the environment of `up`
             stacks[name] = stack.enter_context(
                 running_stack(work / name, bcrypt_rounds=tg.BCRYPT_ROUNDS))
     admin = ("admin", stacks["private"].admin_password)

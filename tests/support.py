@@ -174,3 +174,31 @@ def trackgate(
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     return subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
                           env=clean_env(**(env or {})), cwd="/")
+
+
+@contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with VALUES set, restored afterwards (the MLflow client and `trackgate up`
+    read their settings from this process's environment)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_at_once(argv: list[str], count: int = 2) -> list[subprocess.CompletedProcess[str]]:
+    """Start COUNT copies of a command together (a race on purpose), then collect each."""
+    procs = [subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(count)]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    return done
+

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..support import patched_environ
 
-@contextmanager
-def mlflow_env(env: dict[str, str]) -> Iterator[None]:
+
+def mlflow_env(env: dict[str, str]) -> contextlib.AbstractContextManager[None]:
     """The MLflow client reads its URI, credentials and CA from the environment per request."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return patched_environ(env)
 
 
 def populate(work: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..support import clean_env, trackgate
+from ..support import clean_env, run_at_once, trackgate
 from .supervision import CliStack, mentioning
 
 pytestmark = pytest.mark.reliability
@@ -159,14 +159,11 @@ def test_an_old_store_is_refused_then_upgraded_once_with_a_backup_and_kept_intac
     # Two upgrades at once: one upgrades (after a backup), the other waits and finds it done.
     started = time.monotonic()
     argv = [sys.executable, "-m", "trackgate", "db", "upgrade", "--data-dir", str(data)]
-    both = [subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(2)]
     outcomes = []
-    for proc in both:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        assert "Traceback" not in err
-        outcomes.append(out.strip())
+    for done in run_at_once(argv):
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        outcomes.append(done.stdout.strip())
     print(f"two db upgrades at once: {sorted(outcomes)} in {time.monotonic() - started:.1f} s")
     assert sorted(outcomes) == ["database schema current", "database schema upgraded"]
     assert _revision(db) != old_revision and _tmp_tables(db) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ..support import clean_env
+from ..support import clean_env, run_at_once
 from .supervision import CliStack, mentioning
 from .test_backup_postgres import Cluster, cluster  # noqa: F401 - the throwaway cluster fixture
 
@@ -49,13 +49,10 @@ def test_two_upgrades_at_once_on_postgres_run_one_after_the_other(
     uri = _create_database(cluster, "upgrade_race")
     argv = [sys.executable, "-m", "trackgate", "db", "upgrade", "--data-dir", str(tmp_path),
             "--backend-store-uri", uri]
-    both = [subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(2)]
     outcomes = []
-    for proc in both:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        outcomes.append(out.strip())
+    for done in run_at_once(argv):
+        assert done.returncode == 0, done.stderr[-3000:]
+        outcomes.append(done.stdout.strip())
     assert sorted(outcomes) == ["database schema created", "database schema current"]
     assert _execute(uri, "SELECT count(*) FROM alembic_version") == 1
 
