@@ -124,7 +124,17 @@ class ComposeStack(RunningStack):
         self.project.exec("gateway", "trackgate", "users", "remove", name)
 
 
+def image_tags() -> dict[str, str]:
+    """Image names for this checkout: TRACKGATE_TEST_IMAGE_TAG (default `local`) keeps two
+    checkouts testing on one Docker engine from building over each other's images."""
+    tag = os.environ.get("TRACKGATE_TEST_IMAGE_TAG", "local")
+    return {"TRACKGATE_IMAGE": f"trackgate/app:{tag}",
+            "TRACKGATE_NGINX_IMAGE": f"trackgate/nginx:{tag}",
+            "TRACKGATE_POSTGRES_IMAGE": f"trackgate/postgres:{tag}"}
+
+
 def write_env_file(path: Path, **settings: str) -> None:
+    settings = {**image_tags(), **settings}
     path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()), encoding="utf-8")
 
 
