@@ -35,18 +35,42 @@ declare -A marker=(
 )
 reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
-failed=()
-for tier in "${tiers[@]}"; do
+
+# run_tier TIER: one pytest run; its exit code lands in $reports/TIER.code.
+run_tier() {
+  local tier=$1 code
   say "tier: $tier"
   set +e
-  "$VENV/bin/python" -m pytest -m "${marker[$tier]}" --junitxml "$reports/$tier.xml" tests
+  # Each tier its own temp root: two tiers running at once never share pytest's numbered dirs.
+  "$VENV/bin/python" -m pytest -m "${marker[$tier]}" --junitxml "$reports/$tier.xml" \
+    --basetemp "$reports/tmp-$tier" tests
   code=$?
   set -e
   # Any non-zero exit fails, including 5 (no tests collected): a tier that ran nothing is broken.
-  if ((code != 0)); then
-    ((code == 5)) && echo "[test] tier $tier collected no tests" >&2
-    failed+=("$tier(exit $code)")
-  fi
+  ((code == 5)) && echo "[test] tier $tier collected no tests" >&2
+  echo "$code" >"$reports/$tier.code"
+  say "tier $tier finished (exit $code)"
+}
+
+# Two lanes at once: the Docker tiers spend most of their time waiting on containers and
+# ansible, the others on local servers; together they take about the longer lane's time.
+# TRACKGATE_TEST_LANES=1 runs everything one tier after another.
+docker_lane=() local_lane=()
+for tier in "${tiers[@]}"; do
+  if [[ "$tier" == deploy || "$tier" == compose ]]; then docker_lane+=("$tier"); else local_lane+=("$tier"); fi
+done
+if [[ "${TRACKGATE_TEST_LANES:-2}" == 1 ]] || ((${#docker_lane[@]} == 0 || ${#local_lane[@]} == 0)); then
+  for tier in "${tiers[@]}"; do run_tier "$tier"; done
+else
+  ( for tier in "${docker_lane[@]}"; do run_tier "$tier"; done ) 2>&1 | sed -u 's/^/[docker lane] /' &
+  docker_lane_pid=$!
+  for tier in "${local_lane[@]}"; do run_tier "$tier"; done
+  wait "$docker_lane_pid" || true
+fi
+failed=()
+for tier in "${tiers[@]}"; do
+  code=$(cat "$reports/$tier.code" 2>/dev/null || echo "none")
+  [[ "$code" == 0 ]] || failed+=("$tier(exit $code)")
 done
 
 say "finished"
