@@ -106,6 +106,20 @@ class Settings(BaseSettings):
             "default data_dir/artifacts."
         ),
     )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description=(
+            "URL of an S3-compatible store (SeaweedFS, MinIO, Ceph) for an s3:// "
+            "artifacts_destination; default AWS S3. Only the tracking servers reach it."
+        ),
+    )
+    s3_credentials_file: Path | None = Field(
+        default=None,
+        description=(
+            "File (mode 600) with AWS_ACCESS_KEY_ID= and AWS_SECRET_ACCESS_KEY= lines for the "
+            "s3:// destination; default: those variables in the tracking server's environment."
+        ),
+    )
     htpasswd_path: Path | None = Field(
         default=None, description="The htpasswd file (bcrypt); default data_dir/htpasswd."
     )
@@ -210,6 +224,27 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+        return value
+
+    @field_validator("artifacts_destination")
+    @classmethod
+    def _valid_destination(cls, value: str | None) -> str | None:
+        if value and value.startswith("s3:"):
+            from urllib.parse import urlsplit
+
+            bucket = urlsplit(value).netloc
+            if not value.startswith("s3://") or not bucket or any(c in bucket for c in " :@"):
+                raise ValueError(f"{value!r} is not s3://BUCKET or s3://BUCKET/PREFIX")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _valid_endpoint(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value or "")
+        if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"{value!r} is not an http(s)://HOST[:PORT] URL")
         return value
 
     @field_validator("hostname")

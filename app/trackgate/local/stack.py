@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import database, nginx, processes
 from ..processes import port_in_use
 from ..provision import prepare
+from ..server import objectstore
 from ..settings import Settings
 from .probe import health, https_get
 from .supervisor import state_file
@@ -146,6 +147,8 @@ def up(settings: Settings) -> UpResult:
     _check_writable(settings)
     # MLflow would migrate an old schema on its first request, without a backup: refuse first.
     database.check_schema(settings)
+    if objectstore.is_s3(settings.artifacts_uri):  # wrong endpoint, keys or bucket: say so now
+        objectstore.check(settings)
     password = prepare(settings)
     nginx.test(settings)
     log_path = settings.logs / "supervisor.log" if settings.logs else Path(os.devnull)

@@ -14,6 +14,7 @@ from typing import Any
 from .. import database
 from ..provision import KEK_PASSPHRASE_ENV, ensure_kek_passphrase
 from ..settings import Settings
+from . import objectstore
 from .gunicorn import GunicornApp, tracking_options
 
 
@@ -47,6 +48,8 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     settings = settings or Settings()
     access = Access(AuditLog(audit_path(settings)))
     access.install(app)
+    if objectstore.is_s3(os.environ.get("_MLFLOW_SERVER_ARTIFACT_DESTINATION")):
+        objectstore.install(app)  # every artifact byte through the proxy (see objectstore.py)
     return Policy(app, artifact_root=root, access=access)
 
 
@@ -58,6 +61,9 @@ def run(settings: Settings) -> None:
         Path(settings.artifacts_uri).mkdir(parents=True, exist_ok=True)
     database.ensure_schema(settings, allow_upgrade=False)
     os.environ.update(mlflow_environment(settings))
+    if objectstore.is_s3(settings.artifacts_uri):
+        os.environ.update(objectstore.s3_environment(settings))
+        objectstore.check(settings)  # a wrong endpoint, key or bucket: one line, now
     # MLflow's secret store: the operator's passphrase if set, else this install's own.
     if not os.environ.get(KEK_PASSPHRASE_ENV):
         passphrase = ensure_kek_passphrase(settings)
