@@ -14,7 +14,7 @@ from typing import Any
 from .. import database
 from ..provision import KEK_PASSPHRASE_ENV, ensure_kek_passphrase
 from ..settings import Settings
-from . import objectstore
+from . import objectstore, proxyauth
 from .gunicorn import GunicornApp, tracking_options
 
 
@@ -69,4 +69,8 @@ def run(settings: Settings) -> None:
         passphrase = ensure_kek_passphrase(settings)
         if passphrase:
             os.environ[KEK_PASSPHRASE_ENV] = passphrase
-    GunicornApp(lambda: _load_mlflow(settings), tracking_options(settings)).run()
+    load = lambda: _load_mlflow(settings)  # noqa: E731
+    if settings.proxy_secret_file is not None:  # only nginx may call (see proxyauth.py)
+        secret = proxyauth.read_secret(settings.proxy_secret_file)
+        load = lambda: proxyauth.RequireProxy(_load_mlflow(settings), secret)  # noqa: E731
+    GunicornApp(load, tracking_options(settings)).run()
