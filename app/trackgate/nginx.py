@@ -65,6 +65,13 @@ class NginxContext:
     mime_types: str = "/etc/nginx/mime.types"
 
     @property
+    def tracking_failover(self) -> bool:
+        """Over TCP there may be several servers (a list, or a name that resolves to several
+        addresses, as compose's replicas do): nginx then skips a dead one and resends."""
+        return len(self.tracking_servers) > 1 or not all(
+            s.startswith("unix:") for s in self.tracking_servers)
+
+    @property
     def https_port_suffix(self) -> str:
         return "" if self.https_port == 443 else f":{self.https_port}"
 

@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     artifacts_destination: str | None = Field(
         default=None,
         description=(
-            "Where the server stores artifacts (clients upload through the proxy); "
-            "default data_dir/artifacts."
+            "Where the server stores artifacts: a directory, or s3://BUCKET/PREFIX (see "
+            "s3_endpoint_url); clients always transfer through the proxy. Default "
+            "data_dir/artifacts."
         ),
     )
     s3_endpoint_url: str | None = Field(

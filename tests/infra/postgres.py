@@ -25,6 +25,7 @@ class Cluster:
     port: int
     user: str
     password: str
+    data: Path | None = None  # the cluster's data directory (postmaster.pid is there)
 
     def uri(self, database: str) -> str:
         return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
@@ -48,7 +49,7 @@ def postgres_cluster(*databases: str) -> Iterator[Cluster]:
     options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1"
     _as_postgres(f"{PG_BIN}/pg_ctl -D {data} -l {root / 'pg.log'} -w -o '{options}' start")
     try:
-        found = Cluster(port, "trackgate", secrets.token_hex(12))
+        found = Cluster(port, "trackgate", secrets.token_hex(12), data)
         psql = f"{PG_BIN}/psql -h {sock} -p {port} -d postgres -v ON_ERROR_STOP=1"
         _as_postgres(
             psql, "-c", f"\"CREATE ROLE {found.user} LOGIN CREATEDB PASSWORD '{found.password}'\""

@@ -9,57 +9,30 @@ from __future__ import annotations
 
 import os
 import pwd
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import requests
 from mlflow import MlflowClient
 
 from ..infra.postgres import postgres_cluster
-from ..support import RunningStack, clean_env, free_port, patched_environ, running_stack
+from ..infra.tracking_servers import TrackingServer, start_tracking_server
+from ..support import RunningStack, free_port, patched_environ, running_stack
 
 pytestmark = pytest.mark.reliability
 
 WRITERS = 6
 CALLS = 120  # per writer
-START_TIMEOUT = 90.0
-
-
-@dataclass
-class Server:
-    port: int
-    logs: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def access_log(self) -> str:
-        path = self.logs / "tracking-access.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @dataclass
 class Farm:
     stack: RunningStack
-    servers: list[Server]  # [0] is `trackgate up`'s own
-
-
-def _wait_health(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"tracking server on {port} exited ({proc.returncode})"
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"tracking server on {port} did not answer in {START_TIMEOUT:.0f} s")
+    servers: list[TrackingServer]  # [0] is `trackgate up`'s own
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +48,14 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
             tracking_upstream=",".join(f"127.0.0.1:{p}" for p in ports),
             proxy_secret_file=root / "data" / "secrets" / "proxy-secret") as stack:
         assert stack.settings.logs is not None
-        servers = [Server(ports[0], stack.settings.logs)]
-        account = pwd.getpwnam(stack.settings.service_user)
+        servers = [TrackingServer(ports[0], stack.settings.logs)]
         try:
             for port in ports[1:]:
-                logs = root / f"logs-{port}"
-                logs.mkdir()
-                os.chown(logs, account.pw_uid, account.pw_gid)
-                env = clean_env(**{**stack.settings.to_env(),
-                                   "TRACKGATE_TRACKING_PORT": str(port),
-                                   "TRACKGATE_LOG_DIR": str(logs)})
-                proc = subprocess.Popen(
-                    ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
-                     "--clear-groups", sys.executable, "-m", "trackgate", "serve", "tracking"],
-                    env=env, cwd="/", start_new_session=True,
-                    stdout=subprocess.DEVNULL, stderr=open(logs / "stderr", "wb"))  # noqa: SIM115
-                servers.append(Server(port, logs, proc))
-            for server in servers[1:]:
-                assert server.proc is not None
-                _wait_health(server.port, server.proc)
+                servers.append(start_tracking_server(stack.settings, port, root / f"logs-{port}"))
             yield Farm(stack, servers)
         finally:
-            for server in servers[1:]:
-                if server.proc is not None and server.proc.poll() is None:
-                    os.killpg(server.proc.pid, signal.SIGTERM)
-                    server.proc.wait(timeout=40)
+            for server in servers:
+                server.stop()
 
 
 def _direct(port: int, **headers: str) -> requests.Response:
@@ -133,7 +89,6 @@ def test_a_server_killed_under_load_costs_no_call_and_no_metric(farm: Farm) -> N
     # No client retries: any failed call nginx did not absorb is counted here.
     env = {**farm.stack.client_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     victim = farm.servers[2]
-    assert victim.proc is not None
     done = 0
     lock = threading.Lock()
     halfway = threading.Event()
@@ -159,8 +114,7 @@ def test_a_server_killed_under_load_costs_no_call_and_no_metric(farm: Farm) -> N
         for thread in threads:
             thread.start()
         assert halfway.wait(300), "the writers did not get a third of the way"
-        os.killpg(victim.proc.pid, signal.SIGKILL)  # the whole server, as if its host died
-        victim.proc.wait(timeout=30)
+        victim.kill()  # the whole server, as if its host died
         for thread in threads:
             thread.join(timeout=600)
         assert failures == [], f"{len(failures)} failed calls, e.g. {failures[:3]}"
