@@ -155,3 +155,10 @@ def test_the_object_store_is_not_published_and_clients_hold_no_keys(
                       auth=("admin", scaled.admin_password)).json()
     assert info["multipart_uploads_enabled"] is False
     assert info["multipart_downloads_enabled"] is False
+
+
+def test_the_backup_line_refuses_rather_than_archive_an_empty_artifact_volume(
+        scaled: ComposeStack) -> None:
+    result = scaled.project.run("run", "--rm", "-T", "backup", check=False, timeout=300)
+    assert result.returncode != 0
+    assert "object store" in result.stderr, result.stderr[-2000:]
