@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
@@ -35,6 +36,10 @@ class Farm:
     servers: list[TrackingServer]  # [0] is `trackgate up`'s own
 
 
+def _secret(stack: RunningStack) -> Path:  # where `up` keeps it by default
+    return stack.settings.data_dir / "secrets" / "proxy-secret"
+
+
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     if os.geteuid() != 0:
@@ -45,13 +50,14 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     with postgres_cluster("mlflow") as cluster, running_stack(
             root / "data", backend_store_uri=cluster.uri("mlflow"), internal_transport="tcp",
             tracking_port=ports[0],
-            tracking_upstream=",".join(f"127.0.0.1:{p}" for p in ports),
-            proxy_secret_file=root / "data" / "secrets" / "proxy-secret") as stack:
+            tracking_upstream=",".join(f"127.0.0.1:{p}" for p in ports)) as stack:
         assert stack.settings.logs is not None
         servers = [TrackingServer(ports[0], stack.settings.logs)]
+        # `up` on TCP made and uses a proxy secret by default; the other hosts get a copy.
+        others = stack.settings.model_copy(update={"proxy_secret_file": _secret(stack)})
         try:
             for port in ports[1:]:
-                servers.append(start_tracking_server(stack.settings, port, root / f"logs-{port}"))
+                servers.append(start_tracking_server(others, port, root / f"logs-{port}"))
             yield Farm(stack, servers)
         finally:
             for server in servers:
@@ -67,13 +73,14 @@ def _direct(port: int, **headers: str) -> requests.Response:
 
 def test_only_the_proxy_may_call_a_tracking_server(farm: Farm) -> None:
     """Another host or a local account reaching a tracking port claims to be the admin: refused
-    without the proxy's secret, and a local account cannot read that secret."""
+    without the proxy's secret (which `trackgate up` on TCP makes and uses unasked), and a
+    local account cannot read that secret."""
     for server in farm.servers:
         assert _direct(server.port).status_code == 403
         assert _direct(server.port, **{"X-Trackgate-Proxy-Secret": "0" * 64}).status_code == 403
         assert requests.get(f"http://127.0.0.1:{server.port}/health", timeout=5).text == "OK"
-    secret_file = farm.stack.settings.proxy_secret_file
-    assert secret_file is not None
+    secret_file = _secret(farm.stack)
+    assert secret_file.is_file()
     nobody = pwd.getpwnam("nobody")
     peek = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
                            "--clear-groups", "cat", str(secret_file)], capture_output=True)

@@ -142,6 +142,10 @@ def up(settings: Settings) -> UpResult:
     if pid is not None:
         return UpResult(settings.public_url, already_running=True, admin_password=None)
     cleaned = _stop_leftovers(settings)
+    if settings.internal_transport == "tcp" and settings.proxy_secret_file is None:
+        # On TCP every local account can reach the tracking port: only nginx may call it.
+        settings = settings.model_copy(
+            update={"proxy_secret_file": settings.data_dir / "secrets" / "proxy-secret"})
     nginx.find_binary(settings)
     _check_ports(settings)
     _check_writable(settings)
