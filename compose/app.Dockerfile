@@ -18,7 +18,7 @@ RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=build_ca \
     if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
  && mkdir -p app/trackgate nginx && touch README.md app/trackgate/__init__.py nginx/.stub \
- && /opt/trackgate/bin/pip install --disable-pip-version-check '.[postgres]' \
+ && /opt/trackgate/bin/pip install --disable-pip-version-check '.[postgres,s3]' \
  && rm -rf README.md app nginx \
  # The server never plots or trains: drop mlflow's client-side ML/plotting stack (~290 MB).
  && /opt/trackgate/bin/pip uninstall -y --disable-pip-version-check scikit-learn scipy \

@@ -17,6 +17,7 @@ from . import accounts, client, database, nginx, provision, tls
 from .groups import GroupsStore, groups_path
 from .local import stack
 from .roles import DEFAULT_ROLE, ROLES, RolesStore, roles_path
+from .server import objectstore, proxyauth
 from .settings import ENV_PREFIX, Settings, SettingsFileError, load_settings
 from .users import (
     HtpasswdStore,
@@ -104,6 +105,8 @@ def _guard(func: F) -> F:
             database.DatabaseError,
             nginx.NginxError,
             accounts.AccountError,
+            objectstore.ObjectStoreError,
+            proxyauth.ProxySecretError,
         ) as exc:
             _fail(str(exc))
         except PermissionError as exc:

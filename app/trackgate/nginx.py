@@ -46,6 +46,7 @@ class NginxContext:
     http_port: int
     https_port: int
     tracking_upstream: str
+    tracking_servers: list[str]
     gateway_upstream: str
     cert_file: str
     key_file: str
@@ -55,12 +56,20 @@ class NginxContext:
     trusted_proxies: list[str]
     public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
+    proxy_secret: str = ""  # sent to the tracking servers only (see server/proxyauth.py)
     # Standalone main file only.
     pid_file: str = ""
     error_log: str = "/dev/stderr"
     access_log: str = "/dev/stdout"
     temp_dir: str = ""
     mime_types: str = "/etc/nginx/mime.types"
+
+    @property
+    def tracking_failover(self) -> bool:
+        """Over TCP there may be several servers (a list, or a name that resolves to several
+        addresses, as compose's replicas do): nginx then skips a dead one and resends."""
+        return len(self.tracking_servers) > 1 or not all(
+            s.startswith("unix:") for s in self.tracking_servers)
 
     @property
     def https_port_suffix(self) -> str:
@@ -81,6 +90,7 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         http_port=settings.http_port,
         https_port=settings.https_port,
         tracking_upstream=settings.tracking_address,
+        tracking_servers=settings.tracking_addresses,
         gateway_upstream=settings.gateway_address,
         cert_file=str(settings.cert_file),
         key_file=str(settings.key_file),
@@ -91,6 +101,10 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         public_origins=settings.public_origins,
         extra_includes=[f"{settings.serving_dir}/*.conf"],
     )
+    if settings.proxy_secret_file is not None:
+        from .server.proxyauth import read_secret
+
+        ctx.proxy_secret = read_secret(settings.proxy_secret_file)
     if standalone:
         cert, key = settings.served_cert_files
         ctx.cert_file, ctx.key_file = str(cert), str(key)

@@ -59,6 +59,10 @@ def prepare(settings: Settings) -> str | None:
     tls.ensure_certificates(settings)
     _install_operator_certificate(settings)
     ensure_kek_passphrase(settings)
+    if settings.proxy_secret_file is not None:
+        from .server.proxyauth import ensure_secret
+
+        ensure_secret(settings.proxy_secret_file)
     password = ensure_admin(settings)
     GroupsStore(settings.groups_file).create()
     nginx.write_if_changed(settings.nginx_conf, nginx.render(settings, standalone=True))

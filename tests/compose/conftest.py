@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ..infra.ready import BASE_IMAGE, ensure_docker
-from .harness import ComposeProject, ComposeStack, start, write_env_file
+from .harness import VARIANT_FILES, ComposeProject, ComposeStack, start, write_env_file
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def compose_images(tmp_path_factory: pytest.TempPathFactory) -> None:
     ensure_docker()
     env_file = tmp_path_factory.mktemp("compose-build") / "build.env"
     write_env_file(env_file, TRACKGATE_BASE_IMAGE=BASE_IMAGE)  # no registry: the local base
-    project = ComposeProject("tgtest-build", ("compose.yaml", "compose.postgres.yaml"), env_file)
+    project = ComposeProject("tgtest-build", VARIANT_FILES["scale"], env_file)
     started = time.monotonic()
     result = project.run("build", timeout=1800, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

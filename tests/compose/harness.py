@@ -25,6 +25,7 @@ COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
 VARIANT_FILES = {
     "sqlite": ("compose.yaml",),
     "postgres": ("compose.yaml", "compose.postgres.yaml"),
+    "scale": ("compose.yaml", "compose.postgres.yaml", "compose.scale.yaml"),
 }
 ADMIN_LINE = re.compile(r"Created user 'admin' with password: (\S+)")
 
@@ -67,8 +68,8 @@ class ComposeProject:
                                f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
         return result
 
-    def up(self) -> None:
-        self.run("up", "--detach", "--wait", "--wait-timeout", "300", "--no-build")
+    def up(self, *extra: str) -> None:
+        self.run("up", "--detach", "--wait", "--wait-timeout", "300", "--no-build", *extra)
 
     def down(self, *, volumes: bool = False) -> None:
         self.run("down", "--timeout", "20", *(["--volumes"] if volumes else []), timeout=300)
@@ -130,7 +131,8 @@ def image_tags() -> dict[str, str]:
     tag = os.environ.get("TRACKGATE_TEST_IMAGE_TAG", "local")
     return {"TRACKGATE_IMAGE": f"trackgate/app:{tag}",
             "TRACKGATE_NGINX_IMAGE": f"trackgate/nginx:{tag}",
-            "TRACKGATE_POSTGRES_IMAGE": f"trackgate/postgres:{tag}"}
+            "TRACKGATE_POSTGRES_IMAGE": f"trackgate/postgres:{tag}",
+            "TRACKGATE_SEAWEEDFS_IMAGE": f"trackgate/seaweedfs:{tag}"}
 
 
 def write_env_file(path: Path, **settings: str) -> None:
@@ -139,11 +141,13 @@ def write_env_file(path: Path, **settings: str) -> None:
 
 
 def start(variant: str, work: Path, *, extra_files: tuple[str, ...] = (),
-          ca: Path | None = None, **settings: str) -> ComposeStack:
+          ca: Path | None = None, up_args: tuple[str, ...] = (), **settings: str
+          ) -> ComposeStack:
     """`up --wait` a fresh project of this variant on free loopback ports (images prebuilt).
 
     `extra_files`: more compose files (overrides); `ca`: the CA clients trust, when it is not
-    the stack's own local CA; `settings`: more lines for the env file.
+    the stack's own local CA; `up_args`: more `up` options (`--scale tracking=3`);
+    `settings`: more lines for the env file.
     """
     https_port, http_port = free_port(), free_port()
     env_file = work / "compose.env"
@@ -161,7 +165,7 @@ def start(variant: str, work: Path, *, extra_files: tuple[str, ...] = (),
     project = ComposeProject(f"tgtest-{variant}-{secrets.token_hex(3)}",
                              VARIANT_FILES[variant] + extra_files, env_file)
     try:
-        project.up()
+        project.up(*up_args)
     except BaseException:
         print(project.logs())
         project.down(volumes=True)

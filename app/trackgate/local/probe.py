@@ -81,9 +81,20 @@ def internal_connection(address: str, timeout: float) -> http.client.HTTPConnect
     return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
 
 
+def _own(address: str) -> str:
+    """A listening address as something to connect to (0.0.0.0/[::] mean this host)."""
+    for wildcard, local in (("0.0.0.0:", "127.0.0.1:"), ("[::]:", "[::1]:")):
+        if address.startswith(wildcard):
+            return local + address.removeprefix(wildcard)
+    return address
+
+
 def health(settings: Settings, component: str, *, timeout: float = 4.0) -> str | None:
     """None if the component's health endpoint answers 200, else what went wrong."""
-    address = settings.tracking_address if component == "tracking" else settings.gateway_address
+    # The tracking server checked is this host's own (its bind address): the upstream may list
+    # several servers, or name compose replicas that resolve to any of them.
+    address = _own(settings.bind_address("tracking")) if component == "tracking" \
+        else settings.gateway_address
     path = "/health" if component == "tracking" else "/healthz"
     conn = internal_connection(address, timeout)
     try:

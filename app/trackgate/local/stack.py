@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import database, nginx, processes
 from ..processes import port_in_use
 from ..provision import prepare
+from ..server import objectstore
 from ..settings import Settings
 from .probe import health, https_get
 from .supervisor import state_file
@@ -141,11 +142,17 @@ def up(settings: Settings) -> UpResult:
     if pid is not None:
         return UpResult(settings.public_url, already_running=True, admin_password=None)
     cleaned = _stop_leftovers(settings)
+    if settings.internal_transport == "tcp" and settings.proxy_secret_file is None:
+        # On TCP every local account can reach the tracking port: only nginx may call it.
+        settings = settings.model_copy(
+            update={"proxy_secret_file": settings.data_dir / "secrets" / "proxy-secret"})
     nginx.find_binary(settings)
     _check_ports(settings)
     _check_writable(settings)
     # MLflow would migrate an old schema on its first request, without a backup: refuse first.
     database.check_schema(settings)
+    if objectstore.is_s3(settings.artifacts_uri):  # wrong endpoint, keys or bucket: say so now
+        objectstore.check(settings)
     password = prepare(settings)
     nginx.test(settings)
     log_path = settings.logs / "supervisor.log" if settings.logs else Path(os.devnull)

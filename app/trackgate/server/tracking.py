@@ -14,6 +14,7 @@ from typing import Any
 from .. import database
 from ..provision import KEK_PASSPHRASE_ENV, ensure_kek_passphrase
 from ..settings import Settings
+from . import objectstore, proxyauth
 from .gunicorn import GunicornApp, tracking_options
 
 
@@ -47,6 +48,8 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     settings = settings or Settings()
     access = Access(AuditLog(audit_path(settings)))
     access.install(app)
+    if objectstore.is_s3(os.environ.get("_MLFLOW_SERVER_ARTIFACT_DESTINATION")):
+        objectstore.install(app)  # every artifact byte through the proxy (see objectstore.py)
     return Policy(app, artifact_root=root, access=access)
 
 
@@ -58,9 +61,16 @@ def run(settings: Settings) -> None:
         Path(settings.artifacts_uri).mkdir(parents=True, exist_ok=True)
     database.ensure_schema(settings, allow_upgrade=False)
     os.environ.update(mlflow_environment(settings))
+    if objectstore.is_s3(settings.artifacts_uri):
+        os.environ.update(objectstore.s3_environment(settings))
+        objectstore.check(settings)  # a wrong endpoint, key or bucket: one line, now
     # MLflow's secret store: the operator's passphrase if set, else this install's own.
     if not os.environ.get(KEK_PASSPHRASE_ENV):
         passphrase = ensure_kek_passphrase(settings)
         if passphrase:
             os.environ[KEK_PASSPHRASE_ENV] = passphrase
-    GunicornApp(lambda: _load_mlflow(settings), tracking_options(settings)).run()
+    load = lambda: _load_mlflow(settings)  # noqa: E731
+    if settings.proxy_secret_file is not None:  # only nginx may call (see proxyauth.py)
+        secret = proxyauth.read_secret(settings.proxy_secret_file)
+        load = lambda: proxyauth.RequireProxy(_load_mlflow(settings), secret)  # noqa: E731
+    GunicornApp(load, tracking_options(settings)).run()
