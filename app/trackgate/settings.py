@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     workers: int = Field(default=2, ge=1, description="gunicorn workers of the tracking server.")
     threads: int = Field(default=4, ge=1, description="Threads per tracking-server worker.")
     gateway_threads: int = Field(default=32, ge=2, description="Threads of the auth gateway.")
+    gateway_server: Literal["lean", "gunicorn"] = Field(
+        default="lean",
+        description=(
+            "What serves the auth gateway: 'lean' (a minimal threaded HTTP server, a quarter "
+            "of gunicorn's CPU per request; bench/RESULTS.md) or 'gunicorn' (as before)."
+        ),
+    )
     bcrypt_concurrency: int = Field(
         # One core stays free for nginx, MLflow and cached logins during a flood of guesses
         # (bench/: legit throughput under a spread flood 64 % -> 79 % of unflooded on 2 cores).

@@ -260,9 +260,20 @@ def create_app(settings: Settings | None = None) -> Gateway:
 
 
 def run(settings: Settings) -> None:
-    """`trackgate serve gateway`: the gateway under gunicorn, in the foreground."""
-    from .gunicorn import GunicornApp, gateway_options
-
+    """`trackgate serve gateway`: the gateway in the foreground, served by the lean server
+    (lean.py) or gunicorn (settings.gateway_server); the request logic is the same."""
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
-    GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()
+    if settings.gateway_server == "gunicorn":
+        from .gunicorn import GunicornApp, gateway_options
+
+        GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()
+        return
+    from .lean import LeanServer
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s",
+        filename=None if settings.logs is None else settings.logs / "gateway.log",
+    )
+    LeanServer(create_app(settings), settings.bind_address("gateway"),
+               threads=settings.gateway_threads).serve_forever()
