@@ -55,6 +55,7 @@ class NginxContext:
     trusted_proxies: list[str]
     public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
+    artifact_files_dir: str = ""  # nginx sends downloads from here (server/downloads.py)
     # Standalone main file only.
     pid_file: str = ""
     error_log: str = "/dev/stderr"
@@ -90,6 +91,7 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         trusted_proxies=settings.trusted_proxies,
         public_origins=settings.public_origins,
         extra_includes=[f"{settings.serving_dir}/*.conf"],
+        artifact_files_dir=settings.nginx_artifact_root or "",
     )
     if standalone:
         cert, key = settings.served_cert_files

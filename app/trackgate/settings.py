@@ -106,6 +106,14 @@ class Settings(BaseSettings):
             "default data_dir/artifacts."
         ),
     )
+    artifact_downloads: Literal["nginx", "tracking"] = Field(
+        default="nginx",
+        description=(
+            "Who sends artifact downloads of a local artifact store: 'nginx' (the tracking "
+            "server checks and logs the request, then nginx sends the file: X-Accel-Redirect) "
+            "or 'tracking' (MLflow streams it). nginx must be able to read the artifacts."
+        ),
+    )
     htpasswd_path: Path | None = Field(
         default=None, description="The htpasswd file (bcrypt); default data_dir/htpasswd."
     )
@@ -255,6 +263,13 @@ class Settings(BaseSettings):
     @property
     def artifacts_uri(self) -> str:
         return self.artifacts_destination or str(self.data_dir / "artifacts")
+
+    @property
+    def nginx_artifact_root(self) -> str | None:
+        """The local artifact directory nginx sends downloads from, or None (MLflow sends)."""
+        if self.artifact_downloads != "nginx" or "://" in self.artifacts_uri:
+            return None
+        return self.artifacts_uri
 
     @property
     def htpasswd(self) -> Path:

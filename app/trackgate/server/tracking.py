@@ -47,7 +47,12 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     settings = settings or Settings()
     access = Access(AuditLog(audit_path(settings)))
     access.install(app)
-    return Policy(app, artifact_root=root, access=access)
+    served: Any = app
+    if settings.nginx_artifact_root is not None:  # downloads: checked here, sent by nginx
+        from .downloads import NginxDownloads
+
+        served = NginxDownloads(app, settings.nginx_artifact_root)
+    return Policy(served, url_map=app.url_map, artifact_root=root, access=access)
 
 
 def run(settings: Settings) -> None:
