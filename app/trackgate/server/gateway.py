@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import secrets
 import threading
@@ -271,9 +272,10 @@ def run(settings: Settings) -> None:
         return
     from .lean import LeanServer
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s",
-        filename=None if settings.logs is None else settings.logs / "gateway.log",
-    )
+    # A renamed log (`trackgate logs rotate`) is reopened by the handler on its next line.
+    handler: logging.Handler = (logging.StreamHandler() if settings.logs is None else
+                                logging.handlers.WatchedFileHandler(settings.logs / "gateway.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     LeanServer(create_app(settings), settings.bind_address("gateway"),
                threads=settings.gateway_threads).serve_forever()

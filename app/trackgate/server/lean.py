@@ -86,6 +86,10 @@ class LeanServer:
         main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+        if main:
+            # `trackgate logs rotate` sends USR1 to reopen logs (gunicorn's meaning); the log
+            # handler (WatchedFileHandler) reopens a renamed file by itself. Never die of it.
+            previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: None)
         _log.info("gateway listening at %s", self.address)
         try:
             while True:
