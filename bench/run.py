@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -361,10 +362,22 @@ def main() -> None:
                         help="also issue 4's windows under a flood of wrong passwords")
     parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data, logs)")
+    parser.add_argument("--blocks", type=int, help="alternated blocks per client count (>= 20)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the alternated throughput (no transfers, no revocation)")
+    parser.add_argument("--variants", help="comma-separated servers besides bare (default: all)")
     args = parser.parse_args()
     # `kill PID` unwinds like Ctrl-C, so every server and client is stopped in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = QUICK if args.quick else FULL
+    if args.blocks:
+        plan = dataclasses.replace(plan, blocks=max(20, args.blocks), block_seconds=3600)
+    wanted = set(args.variants.split(",")) if args.variants else set(LABELS)
+    unknown = wanted - set(LABELS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(LABELS)}")
+    if not args.throughput_only:
+        wanted |= {"trackgate", "trackgate-nginx-cache"}  # transfers and revocation use them
     began = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     work = Path(tempfile.mkdtemp(prefix="trackgate-bench-"))
@@ -381,14 +394,22 @@ def main() -> None:
     try:
         with contextlib.ExitStack() as stack:
             bare = stack.enter_context(tg.bare_gunicorn(work))
-            trackgate = stack.enter_context(tg.trackgate_stack(work))
-            before = stack.enter_context(tg.trackgate_stack(work, "trackgate-gunicorn",
-                                                            gateway_server="gunicorn"))
-            cached = stack.enter_context(tg.trackgate_stack(work, "trackgate-nginx-cache"))
-            tg.cache_auth_answers(cached)
-            servers = [bare, trackgate, before, cached,
-                       stack.enter_context(tg.textbook_nginx(work, bare.port)),
-                       stack.enter_context(tg.mlflow_basic_auth(work))]
+            servers = [bare]
+            starters = {
+                "trackgate": lambda: tg.trackgate_stack(work),
+                "trackgate-gunicorn": lambda: tg.trackgate_stack(
+                    work, "trackgate-gunicorn", gateway_server="gunicorn"),
+                "trackgate-nginx-cache": lambda: tg.trackgate_stack(work,
+                                                                    "trackgate-nginx-cache"),
+                "textbook": lambda: tg.textbook_nginx(work, bare.port),
+                "mlflow-auth": lambda: tg.mlflow_basic_auth(work),
+            }
+            for name, start in starters.items():
+                if name in wanted:
+                    servers.append(stack.enter_context(start()))
+                    if name == "trackgate-nginx-cache":
+                        tg.cache_auth_answers(servers[-1])
+            by_name = {s.name: s for s in servers}
             pools = {s.name: ClientPool(stack, s, plan, logs) for s in servers}
             print(f"servers and clients up after {time.monotonic() - began:.0f} s", flush=True)
             for clients in (1, plan.concurrency):
@@ -397,18 +418,20 @@ def main() -> None:
                          for s in servers}
                 results.append(alternated.run(servers, pools, clients, plan.blocks, calls,
                                               plan.block_seconds))
-            curl = transfers_mod.measure(bare, trackgate, work, plan.artifact_bytes,
-                                         plan.transfer_rounds)
-            source = _sparse_file(work / "artifact.bin", plan.artifact_bytes)
-            for _ in range(plan.artifact_rounds):
-                for server in (bare, trackgate):
-                    result = run_artifacts(server, source, logs, work)
-                    transfers.setdefault(server.name, []).append(result)
-                    print(f"  artifacts {server.name}: {result}", flush=True)
-            source.unlink()
-            for target in (trackgate, cached):
-                revoked[target.name] = transfers_mod.revocation(target)
-                print(f"  revocation {target.name}: {revoked[target.name]}", flush=True)
+            if not args.throughput_only:
+                trackgate, cached = by_name["trackgate"], by_name["trackgate-nginx-cache"]
+                curl = transfers_mod.measure(bare, trackgate, work, plan.artifact_bytes,
+                                             plan.transfer_rounds)
+                source = _sparse_file(work / "artifact.bin", plan.artifact_bytes)
+                for _ in range(plan.artifact_rounds):
+                    for server in (bare, trackgate):
+                        result = run_artifacts(server, source, logs, work)
+                        transfers.setdefault(server.name, []).append(result)
+                        print(f"  artifacts {server.name}: {result}", flush=True)
+                source.unlink()
+                for target in (trackgate, cached):
+                    revoked[target.name] = transfers_mod.revocation(target)
+                    print(f"  revocation {target.name}: {revoked[target.name]}", flush=True)
             if args.flood:
                 _flood_cells(servers, pools, plan, logs, flood_names, cells)
     finally:
@@ -427,7 +450,8 @@ def main() -> None:
               f"{report.machine()}"
               "- Servers, clients and curl all on this machine, over loopback. **The machine is "
               "shared** with other sessions' test suites: see the load figures.\n\n")
-    text = header + render(plan, results, curl, transfers, revoked)
+    text = header + render(plan, results, curl, transfers, revoked,
+                           throughput_only=args.throughput_only)
     if cells:
         text += "\n" + report.render(cells, {}, plan)
     print("\n" + text)
@@ -469,7 +493,7 @@ def _verdict(ok: bool) -> str:
 
 def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any],
            transfers: dict[str, list[dict[str, Any]]],
-           revoked: dict[str, dict[str, Any]]) -> str:
+           revoked: dict[str, dict[str, Any]], throughput_only: bool = False) -> str:
     out = ["## Throughput: `log_metric` by alternated calls", "",
            f"One MLflow client process per variant ({plan.concurrency} at {plan.concurrency} "
            f"clients); blocks of {plan.calls} calls (at {plan.concurrency} clients "
@@ -479,6 +503,8 @@ def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any
            "bare per block. Server CPU: every process of the variant's tree (textbook: its "
            "nginx only; the bare gunicorn behind it is not counted).", "",
            alternated.render(results, LABELS)]
+    if throughput_only:
+        return "\n".join(out) + "\n"
     size = curl.get("bytes", 0) / 2**30
     down, up = curl.get("download", {}), curl.get("upload", {})
     med = transfers_mod.median
