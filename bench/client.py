@@ -6,7 +6,8 @@ MLFLOW_TRACKING_* environment, exactly as a training script runs.
 
 `metrics` sets up an experiment and a run (which also warms any credential cache), prints
 `ready`, then for each `go SECONDS` line on stdin calls `log_metric` until the time or count
-bound and prints one JSON line; any other line or EOF ends it. `artifacts` uploads one file
+bound (for each `n COUNT` line, exactly COUNT times) and prints one JSON line; any other line
+or EOF ends it. `artifacts` uploads one file
 with `log_artifact` on `upload` and downloads it again on `download`.
 """
 
@@ -39,15 +40,17 @@ def metrics(max_calls: int) -> None:
     print("ready", flush=True)
     step = 0
     for line in sys.stdin:
-        command, _, seconds = line.strip().partition(" ")
-        if command != "go":
+        command, _, amount = line.strip().partition(" ")
+        if command not in ("go", "n"):
             break
         latencies: list[float] = []
         errors: list[str] = []
         start = time.monotonic()
-        deadline = start + float(seconds)
+        # `go SECONDS`: a window of time; `n COUNT`: exactly COUNT calls (alternated blocks).
+        deadline = start + float(amount) if command == "go" else float("inf")
+        limit = max_calls if command == "go" else int(amount)
         calls = 0
-        while time.monotonic() < deadline and calls < max_calls:
+        while time.monotonic() < deadline and calls < limit:
             began = time.monotonic()
             try:
                 client.log_metric(run_id, "loss", 1.0 / (step + 1), step=step)

@@ -32,7 +32,7 @@ def _component(pid: int) -> str:
         return "nginx"
     if b"serve gateway" in line:
         return "gateway"
-    if b"serve tracking" in line or b"bench.mlflow_auth" in line:
+    if b"serve tracking" in line or b"bench.mlflow_auth" in line or b"bench.bare_mlflow" in line:
         return "gunicorn"
     if b"supervise" in line:
         return "supervisor"

@@ -1,21 +1,33 @@
-"""The benchmark of issue 4, side by side in one run on loopback.
+"""The benchmark, side by side in one run on loopback (issues 4 and 18).
 
-    .venv/bin/python -m bench.run            # full: 20 s per cell, 1 GiB artifact (~15 min)
-    .venv/bin/python -m bench.run --quick    # smoke: 4 s per cell, 64 MiB artifact
+    .venv/bin/python -m bench.run            # full: >= 24 alternated blocks, 1 GiB transfers
+    .venv/bin/python -m bench.run --quick    # smoke: 20 short blocks, 64 MiB transfers
+    .venv/bin/python -m bench.run --flood    # also issue 4's windows under a password flood
     .venv/bin/python -m bench.run --output bench/RESULTS.md
 
-Starts the four servers (see bench/targets.py), then for 1 and 4 concurrent MLflow clients
-measures `log_metric` calls/s against each, then the same against each password-protected
-server while a flood of wrong passwords runs (bench/flood.py) and `/health` is probed every
-50 ms; then a 1 GiB artifact upload and download through trackgate vs straight to gunicorn.
-Prints Markdown tables with the ratios the issue sets as targets. Every process it starts is
-stopped by PID; every loop is bounded in count and time.
+Starts the servers (see bench/targets.py): bare gunicorn+MLflow (the baseline: same workers, no
+nginx, no TLS, no auth), trackgate as shipped, trackgate with its gateway under gunicorn (as
+before issue 18), trackgate with nginx caching the gateway's answers (bench-only, see
+targets.cache_auth_answers), textbook nginx `auth_basic` and MLflow's basic-auth app. Then:
+
+1. `log_metric` throughput by alternated calls (bench/alternated.py) at 1 and 4 clients per
+   variant: ratio to bare per block, median of >= 20 blocks, spread, CPU per call from /proc;
+2. artifact transfers with curl (bench/transfers.py): a 1 GiB download through trackgate vs
+   nginx serving the same file over TLS without auth, uploads through trackgate (nginx
+   buffering the body, as shipped, and unbuffered) vs straight to bare gunicorn, interleaved;
+   then the MLflow client's upload and download, bare vs trackgate;
+3. revocation latency: from `trackgate users passwd` returning to the first refusal of the old
+   password, while a client repeats it.
+
+Prints Markdown with the issue's targets. Every process it starts is stopped by PID; every loop
+is bounded in count and time.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -40,8 +52,9 @@ from trackgate.users import HtpasswdStore, hash_password
 
 from tests.support import clean_env
 
-from . import cpu, report
+from . import alternated, cpu, report
 from . import targets as tg
+from . import transfers as transfers_mod
 
 REPO = Path(__file__).resolve().parent.parent
 HEALTH_INTERVAL = 0.05
@@ -50,7 +63,13 @@ HEALTH_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class Plan:
-    seconds: float  # measured window of each cell
+    blocks: int  # alternated blocks per client count (>= 20)
+    calls: int  # log_metric calls per block at 1 client (textbook: textbook_calls)
+    calls_each: int  # per client and block at `concurrency` clients
+    textbook_calls: int
+    block_seconds: float  # stop adding blocks (past 20) after this many seconds
+    transfer_rounds: int  # interleaved curl transfers per path
+    seconds: float  # measured window of each cell (--flood)
     rounds: int  # interleaved rounds of the no-flood cells (the median is reported)
     artifact_rounds: int  # interleaved transfers per path (the fastest is reported)
     max_calls: int  # per client and window, a second bound besides time
@@ -64,9 +83,21 @@ class Plan:
     flood_ramp: float = 5.0
 
 
-FULL = Plan(seconds=12, rounds=3, artifact_rounds=2, max_calls=20_000, artifact_bytes=1 << 30)
-QUICK = Plan(seconds=4, rounds=1, artifact_rounds=1, max_calls=5_000, artifact_bytes=64 << 20,
+FULL = Plan(blocks=24, calls=30, calls_each=10, textbook_calls=2, block_seconds=600,
+            transfer_rounds=5,
+            seconds=12, rounds=3, artifact_rounds=2, max_calls=20_000, artifact_bytes=1 << 30)
+QUICK = Plan(blocks=20, calls=10, calls_each=4, textbook_calls=1, block_seconds=120,
+             transfer_rounds=2,
+             seconds=4, rounds=1, artifact_rounds=1, max_calls=5_000, artifact_bytes=64 << 20,
              flood_ramp=2.0)
+LABELS = {
+    "bare": "bare gunicorn + MLflow (no nginx, TLS, auth)",
+    "trackgate": "**trackgate** (lean gateway)",
+    "trackgate-gunicorn": "trackgate, gateway under gunicorn (before)",
+    "trackgate-nginx-cache": "trackgate + nginx caching the gateway's 204 (bench-only)",
+    "textbook": "textbook nginx auth_basic (bcrypt per call)",
+    "mlflow-auth": "MLflow basic-auth app (cache on)",
+}
 
 
 @dataclass
@@ -326,13 +357,27 @@ def _sparse_file(path: Path, size: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short windows, 64 MiB artifact")
+    parser.add_argument("--quick", action="store_true", help="short blocks, 64 MiB transfers")
+    parser.add_argument("--flood", action="store_true",
+                        help="also issue 4's windows under a flood of wrong passwords")
     parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data, logs)")
+    parser.add_argument("--blocks", type=int, help="alternated blocks per client count (>= 20)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the alternated throughput (no transfers, no revocation)")
+    parser.add_argument("--variants", help="comma-separated servers besides bare (default: all)")
     args = parser.parse_args()
     # `kill PID` unwinds like Ctrl-C, so every server and client is stopped in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = QUICK if args.quick else FULL
+    if args.blocks:
+        plan = dataclasses.replace(plan, blocks=max(20, args.blocks), block_seconds=3600)
+    wanted = set(args.variants.split(",")) if args.variants else set(LABELS)
+    unknown = wanted - set(LABELS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(LABELS)}")
+    if not args.throughput_only:
+        wanted |= {"trackgate", "trackgate-nginx-cache"}  # transfers and revocation use them
     began = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     work = Path(tempfile.mkdtemp(prefix="trackgate-bench-"))
@@ -342,65 +387,187 @@ def main() -> None:
     print(f"work dir: {work}", flush=True)
     cells: list[Cell] = []
     transfers: dict[str, list[dict[str, Any]]] = {}
+    results: list[alternated.Alternated] = []
+    curl: dict[str, Any] = {}
+    revoked: dict[str, dict[str, Any]] = {}
     flood_names = [f"flood-{i:03d}" for i in range(plan.flood_users)]
     try:
         with contextlib.ExitStack() as stack:
             bare = stack.enter_context(tg.bare_gunicorn(work))
-            servers = [bare, stack.enter_context(tg.trackgate_stack(work)),
-                       stack.enter_context(tg.textbook_nginx(work, bare.port)),
-                       stack.enter_context(tg.mlflow_basic_auth(work))]
-            protected = [s for s in servers if s.needs_auth]
-            for server in protected:
-                add_flood_users(server, flood_names)
+            servers = [bare]
+            starters = {
+                "trackgate": lambda: tg.trackgate_stack(work),
+                "trackgate-gunicorn": lambda: tg.trackgate_stack(
+                    work, "trackgate-gunicorn", gateway_server="gunicorn"),
+                "trackgate-nginx-cache": lambda: tg.trackgate_stack(work,
+                                                                    "trackgate-nginx-cache"),
+                "textbook": lambda: tg.textbook_nginx(work, bare.port),
+                "mlflow-auth": lambda: tg.mlflow_basic_auth(work),
+            }
+            for name, start in starters.items():
+                if name in wanted:
+                    servers.append(stack.enter_context(start()))
+                    if name == "trackgate-nginx-cache":
+                        tg.cache_auth_answers(servers[-1])
+            by_name = {s.name: s for s in servers}
             pools = {s.name: ClientPool(stack, s, plan, logs) for s in servers}
             print(f"servers and clients up after {time.monotonic() - began:.0f} s", flush=True)
-
-            def cell(server: tg.Target, clients: int, flood: str | None, kind: str) -> Cell:
-                result = run_cell(server, pools[server.name], plan, clients, flood, logs,
-                                  flood_names, kind)
-                cells.append(result)
-                _progress(result)
-                return result
-
-            # Interleaved rounds, rotating the order, so slow drifts of the machine's load hit
-            # every server alike; the report takes the median.
-            for round_no in range(plan.rounds):
-                order = servers[round_no % len(servers):] + servers[:round_no % len(servers)]
-                for clients in (1, plan.concurrency):
-                    for server in order:
-                        cell(server, clients, None, "round")
             for clients in (1, plan.concurrency):
-                for variant in ("single", "spread"):
-                    for server in protected:
-                        before = cell(server, clients, None, "paired")
-                        flooded = cell(server, clients, variant, "flood")
-                        flooded.baseline_rate = before.rate
-            source = _sparse_file(work / "artifact.bin", plan.artifact_bytes)
-            for _ in range(plan.artifact_rounds):
-                for server in (bare, servers[1]):
-                    result = run_artifacts(server, source, logs, work)
-                    transfers.setdefault(server.name, []).append(result)
-                    print(f"  artifacts {server.name}: {result}", flush=True)
-            source.unlink()
+                each = plan.calls if clients == 1 else plan.calls_each
+                calls = {s.name: plan.textbook_calls if s.name == "textbook" else each
+                         for s in servers}
+                results.append(alternated.run(servers, pools, clients, plan.blocks, calls,
+                                              plan.block_seconds))
+            if not args.throughput_only:
+                trackgate, cached = by_name["trackgate"], by_name["trackgate-nginx-cache"]
+                curl = transfers_mod.measure(bare, trackgate, work, plan.artifact_bytes,
+                                             plan.transfer_rounds)
+                source = _sparse_file(work / "artifact.bin", plan.artifact_bytes)
+                for _ in range(plan.artifact_rounds):
+                    for server in (bare, trackgate):
+                        result = run_artifacts(server, source, logs, work)
+                        transfers.setdefault(server.name, []).append(result)
+                        print(f"  artifacts {server.name}: {result}", flush=True)
+                source.unlink()
+                for target in (trackgate, cached):
+                    revoked[target.name] = transfers_mod.revocation(target)
+                    print(f"  revocation {target.name}: {revoked[target.name]}", flush=True)
+            if args.flood:
+                _flood_cells(servers, pools, plan, logs, flood_names, cells)
     finally:
-        (work / "cells.json").write_text(json.dumps({"cells": [asdict(c) for c in cells],
-                                                     "transfers": transfers}, indent=1))
+        (work / "cells.json").write_text(json.dumps({
+            "alternated": [asdict(r) for r in results], "curl": curl, "revocation": revoked,
+            "cells": [asdict(c) for c in cells], "transfers": transfers}, indent=1))
         if not args.keep:
-            for name in ("bare", "trackgate", "textbook", "mlflow-auth"):
+            for name in ("bare", "trackgate", "trackgate-gunicorn", "trackgate-nginx-cache",
+                         "textbook", "mlflow-auth", "static"):
                 tg.remove_tree(work / name)
     elapsed = time.monotonic() - began
     command = shlex.join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]])
-    header = (f"# trackgate benchmark (issue 4)\n\n"
+    header = (f"# trackgate benchmark (issues 4 and 18)\n\n"
               f"- Date: {started_at:%Y-%m-%d %H:%M} UTC; run time {elapsed / 60:.1f} min\n"
               f"- Command: `{command}`\n"
               f"{report.machine()}"
-              f"- Plan: {plan.seconds:g} s windows, {plan.rounds} interleaved rounds; servers, "
-              "legit clients and attacker all on this machine, over loopback\n\n")
-    text = header + report.render(cells, transfers, plan)
+              "- Servers, clients and curl all on this machine, over loopback. **The machine is "
+              "shared** with other sessions' test suites: see the load figures.\n\n")
+    text = header + render(plan, results, curl, transfers, revoked,
+                           throughput_only=args.throughput_only)
+    if cells:
+        text += "\n" + report.render(cells, {}, plan)
     print("\n" + text)
     if args.output:
         args.output.write_text(text)
     print(f"raw results and logs: {work}")
+
+
+def _flood_cells(servers: list[tg.Target], pools: dict[str, ClientPool], plan: Plan,
+                 logs: Path, flood_names: list[str], cells: list[Cell]) -> None:
+    """Issue 4's measurement: each password-protected server with and without a flood."""
+    protected = [s for s in servers if s.name in ("trackgate", "textbook", "mlflow-auth")]
+    for server in protected:
+        add_flood_users(server, flood_names)
+    for clients in (1, plan.concurrency):
+        for variant in ("single", "spread"):
+            for server in protected:
+                before = run_cell(server, pools[server.name], plan, clients, None, logs,
+                                  flood_names, "paired")
+                flooded = run_cell(server, pools[server.name], plan, clients, variant, logs,
+                                   flood_names, "flood")
+                flooded.baseline_rate = before.rate
+                cells += [before, flooded]
+                _progress(before)
+                _progress(flooded)
+
+
+def _client_upload_ratio(transfers: dict[str, list[dict[str, Any]]]) -> float:
+    """Speed through trackgate / speed direct, of the MLflow client's fastest uploads."""
+    if not transfers.get("bare") or not transfers.get("trackgate"):
+        return float("nan")
+    return (min(r["upload_s"] for r in transfers["bare"])
+            / min(r["upload_s"] for r in transfers["trackgate"]))
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**MISSED**"
+
+
+def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any],
+           transfers: dict[str, list[dict[str, Any]]],
+           revoked: dict[str, dict[str, Any]], throughput_only: bool = False) -> str:
+    out = ["## Throughput: `log_metric` by alternated calls", "",
+           f"One MLflow client process per variant ({plan.concurrency} at {plan.concurrency} "
+           f"clients); blocks of {plan.calls} calls (at {plan.concurrency} clients "
+           f"{plan.calls_each} per client, {plan.calls_each * plan.concurrency} in all; "
+           f"textbook {plan.textbook_calls} per client: it spends ~200 ms of "
+           "bcrypt per call) to each variant in turn, the order rotated each block; ratio to "
+           "bare per block. Server CPU: every process of the variant's tree (textbook: its "
+           "nginx only; the bare gunicorn behind it is not counted).", "",
+           alternated.render(results, LABELS)]
+    if throughput_only:
+        return "\n".join(out) + "\n"
+    size = curl.get("bytes", 0) / 2**30
+    down, up = curl.get("download", {}), curl.get("upload", {})
+    med = transfers_mod.median
+    out += [f"## Artifact transfers with curl: {size:.2f} GiB, interleaved, "
+            f"{len(down.get('trackgate', []))} rounds", "",
+            "| path | seconds (median) | all rounds | ratio (median of rounds) |",
+            "| --- | ---: | --- | ---: |"]
+
+    def row(label: str, values: list[float], ratio: str) -> None:
+        out.append(f"| {label} | {med(values):.2f} | "
+                   f"{' / '.join(f'{v:.2f}' for v in values)} | {ratio} |")
+
+    dr = curl.get("download_ratios", [])
+    row("download: nginx serves the file over TLS, no auth (the limit)",
+        down.get("static", []), "1")
+    row("download: through trackgate (auth, tracking server decides, nginx sends)",
+        down.get("trackgate", []), f"{med(dr):.3f}x the time (min {min(dr, default=0):.3f}, "
+        f"max {max(dr, default=0):.3f})")
+    row("upload: straight to bare gunicorn (no TLS)", up.get("direct", []), "1")
+    for variant, label in (("buffered", "through trackgate, nginx buffers the body (shipped)"),
+                           ("unbuffered", "through trackgate, unbuffered (bench-only)")):
+        ratios = curl.get(f"upload_ratio_{variant}", [])
+        row(f"upload: {label}", up.get(variant, []),
+            f"{med(ratios):.3f}x direct speed (min {min(ratios, default=0):.3f})")
+    if transfers:
+        out += ["", "MLflow client, same file size (`log_artifact` / `download_artifacts`, "
+                "fastest of the runs):", "", "| path | upload s | download s |",
+                "| --- | ---: | ---: |"]
+        for name, runs in transfers.items():
+            out.append(f"| {name} | {min(r['upload_s'] for r in runs):.2f} | "
+                       f"{min(r['download_s'] for r in runs):.2f} |")
+    out += ["", "## Revocation latency", "",
+            "A client repeats a cached password as fast as it can while `trackgate users "
+            "passwd` changes it; every request that starts after the command returned must be "
+            "refused.", "",
+            "| variant | `passwd` took | 200s before the return | requests after it | of them "
+            "200 | first refusal after the return | last 200 started (relative to the return) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in revoked.items():
+        out.append(f"| {LABELS.get(name, name)} | {r['command_s']:.2f} s | {r['before_ok']} | "
+                   f"{r['after']} | {r['after_ok']} | {r['first_refusal_ms']:.1f} ms | "
+                   f"{r['last_ok_ms']:.1f} ms |")
+    out.append("")
+    one, four = results[0], results[-1]
+    targets = [
+        (f"trackgate >= 0.95x bare, 1 client ({one.blocks} blocks)",
+         alternated.ratio(one, "trackgate")[0], lambda v: v >= 0.95, "{:.3f}x"),
+        (f"trackgate >= 0.95x bare, {four.clients} clients ({four.blocks} blocks)",
+         alternated.ratio(four, "trackgate")[0], lambda v: v >= 0.95, "{:.3f}x"),
+        ("1 GiB download through trackgate <= 1.1x nginx-serves-file (time)", med(dr),
+         lambda v: v <= 1.1, "{:.3f}x"),
+        ("upload through trackgate >= 0.8x direct, MLflow client `log_artifact` (fastest "
+         "runs)", _client_upload_ratio(transfers), lambda v: v >= 0.8, "{:.3f}x"),
+        ("upload through trackgate >= 0.8x direct, curl (nginx buffers the body, as shipped)",
+         med(curl.get("upload_ratio_buffered", [])), lambda v: v >= 0.8, "{:.3f}x"),
+        ("revocation latency 0: no old-password success after `passwd` returned",
+         float(revoked.get("trackgate", {}).get("after_ok", 1)), lambda v: v == 0,
+         "{:.0f} successes"),
+    ]
+    out += ["## Targets (issue 18)", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
+    for label, value, ok, fmt in targets:
+        out.append(f"| {label} | {fmt.format(value)} | {_verdict(ok(value))} |")
+    return "\n".join(out) + "\n"
 
 
 def _progress(cell: Cell) -> None:

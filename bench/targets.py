@@ -31,7 +31,7 @@ from trackgate.nginx import find_binary as find_nginx
 from trackgate.settings import Settings
 from trackgate.users import HtpasswdStore
 
-from tests.support import clean_env, free_port, running_stack
+from tests.support import RunningStack, clean_env, free_port, running_stack
 
 BCRYPT_ROUNDS = 12
 START_TIMEOUT = 90.0
@@ -49,6 +49,7 @@ class Target:
     ca_file: Path | None = None
     htpasswd: Path | None = None  # where extra (flood-target) users go, for htpasswd servers
     root_pid: int | None = None  # the process tree serving it, for CPU accounting
+    stack: RunningStack | None = None  # trackgate stacks: settings, users, CA
 
     @property
     def tls(self) -> bool:
@@ -137,15 +138,15 @@ def bare_gunicorn(work: Path) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def trackgate_stack(work: Path, **overrides: str) -> Iterator[Target]:
+def trackgate_stack(work: Path, name: str = "trackgate", **overrides: str) -> Iterator[Target]:
     """The real stack via `trackgate up`, with a bcrypt-12 user of its own; `overrides` are
-    settings fields (e.g. bcrypt_concurrency), for experiments."""
+    settings fields (e.g. gateway_server), for the variants compared side by side."""
     settings = {"bcrypt_rounds": BCRYPT_ROUNDS, **overrides}
-    with running_stack(work / "trackgate", **settings) as stack:
+    with running_stack(work / name, **settings) as stack:
         password = secrets.token_urlsafe(12)
         stack.users.add(USER, password)
-        yield Target("trackgate", stack.url, USER, password, stack.ca, stack.settings.htpasswd,
-                     running_pid(stack.settings))
+        yield Target(name, stack.url, USER, password, stack.ca, stack.settings.htpasswd,
+                     running_pid(stack.settings), stack=stack)
 
 
 # A benchmark fixture, not product config: the minimal "nginx auth_basic + bcrypt" setup found in
@@ -256,3 +257,31 @@ def mlflow_basic_auth(work: Path) -> Iterator[Target]:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def cache_auth_answers(target: Target) -> None:
+    """Bench-only variant (b) of issue 18: nginx caches the gateway's 204 per Authorization
+    value (the rendered config of a running stack patched, nginx reloaded). The raw header as
+    key is an upper bound on speed: an HMAC of it (set-misc) costs nginx microseconds more.
+    It is not shipped: a changed password would stay valid until the entry expires or a
+    reload, and roles changes likewise."""
+    from trackgate import nginx as tg_nginx
+
+    assert target.stack is not None
+    settings = target.stack.settings
+    cache = settings.nginx_runtime_dir / "nginx-temp" / "bench-auth-cache"
+    text = settings.nginx_conf.read_text()
+    zone = (f"proxy_cache_path {cache} levels=1:2 keys_zone=bench_auth:10m max_size=50m "
+            "inactive=15m;\n    upstream trackgate_tracking {")
+    text = text.replace("upstream trackgate_tracking {", zone, 1)
+    auth = ("location = /_trackgate/auth {\n            internal;\n"
+            "            proxy_cache bench_auth;\n"
+            "            proxy_cache_key $http_authorization;\n"
+            "            proxy_cache_valid 204 15m;\n")
+    before = text
+    text = text.replace("location = /_trackgate/auth {\n            internal;\n", auth, 1)
+    if text == before:
+        raise RuntimeError("the auth location was not found in the rendered nginx.conf")
+    settings.nginx_conf.write_text(text)
+    tg_nginx.reload(settings)
+    time.sleep(1.5)

@@ -57,6 +57,7 @@ class NginxContext:
     public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
     proxy_secret: str = ""  # sent to the tracking servers only (see server/proxyauth.py)
+    artifact_files_dir: str = ""  # nginx sends downloads from here (server/downloads.py)
     # Standalone main file only.
     pid_file: str = ""
     error_log: str = "/dev/stderr"
@@ -100,6 +101,7 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         trusted_proxies=settings.trusted_proxies,
         public_origins=settings.public_origins,
         extra_includes=[f"{settings.serving_dir}/*.conf"],
+        artifact_files_dir=settings.nginx_artifact_root or "",
     )
     if settings.proxy_secret_file is not None:
         from .server.proxyauth import read_secret

@@ -133,6 +133,14 @@ class Settings(BaseSettings):
             "s3:// destination; default: those variables in the tracking server's environment."
         ),
     )
+    artifact_downloads: Literal["nginx", "tracking"] = Field(
+        default="nginx",
+        description=(
+            "Who sends artifact downloads of a local artifact store: 'nginx' (the tracking "
+            "server checks and logs the request, then nginx sends the file: X-Accel-Redirect) "
+            "or 'tracking' (MLflow streams it). nginx must be able to read the artifacts."
+        ),
+    )
     htpasswd_path: Path | None = Field(
         default=None, description="The htpasswd file (bcrypt); default data_dir/htpasswd."
     )
@@ -147,6 +155,13 @@ class Settings(BaseSettings):
     workers: int = Field(default=2, ge=1, description="gunicorn workers of the tracking server.")
     threads: int = Field(default=4, ge=1, description="Threads per tracking-server worker.")
     gateway_threads: int = Field(default=32, ge=2, description="Threads of the auth gateway.")
+    gateway_server: Literal["lean", "gunicorn"] = Field(
+        default="lean",
+        description=(
+            "What serves the auth gateway: 'lean' (a minimal threaded HTTP server, a quarter "
+            "of gunicorn's CPU per request; bench/RESULTS.md) or 'gunicorn' (as before)."
+        ),
+    )
     bcrypt_concurrency: int = Field(
         # One core stays free for nginx, MLflow and cached logins during a flood of guesses
         # (bench/: legit throughput under a spread flood 64 % -> 79 % of unflooded on 2 cores).
@@ -296,6 +311,13 @@ class Settings(BaseSettings):
     @property
     def artifacts_uri(self) -> str:
         return self.artifacts_destination or str(self.data_dir / "artifacts")
+
+    @property
+    def nginx_artifact_root(self) -> str | None:
+        """The local artifact directory nginx sends downloads from, or None (MLflow sends)."""
+        if self.artifact_downloads != "nginx" or "://" in self.artifacts_uri:
+            return None
+        return self.artifacts_uri
 
     @property
     def htpasswd(self) -> Path:

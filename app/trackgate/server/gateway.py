@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import secrets
 import threading
@@ -260,9 +261,21 @@ def create_app(settings: Settings | None = None) -> Gateway:
 
 
 def run(settings: Settings) -> None:
-    """`trackgate serve gateway`: the gateway under gunicorn, in the foreground."""
-    from .gunicorn import GunicornApp, gateway_options
-
+    """`trackgate serve gateway`: the gateway in the foreground, served by the lean server
+    (lean.py) or gunicorn (settings.gateway_server); the request logic is the same."""
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
-    GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()
+    if settings.gateway_server == "gunicorn":
+        from .gunicorn import GunicornApp, gateway_options
+
+        GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()
+        return
+    from .lean import LeanServer
+
+    # A renamed log (`trackgate logs rotate`) is reopened by the handler on its next line.
+    handler: logging.Handler = (logging.StreamHandler() if settings.logs is None else
+                                logging.handlers.WatchedFileHandler(settings.logs / "gateway.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    LeanServer(create_app(settings), settings.bind_address("gateway"),
+               threads=settings.gateway_threads).serve_forever()

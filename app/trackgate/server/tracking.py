@@ -50,7 +50,12 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     access.install(app)
     if objectstore.is_s3(os.environ.get("_MLFLOW_SERVER_ARTIFACT_DESTINATION")):
         objectstore.install(app)  # every artifact byte through the proxy (see objectstore.py)
-    return Policy(app, artifact_root=root, access=access)
+    served: Any = app
+    if settings.nginx_artifact_root is not None:  # downloads: checked here, sent by nginx
+        from .downloads import NginxDownloads
+
+        served = NginxDownloads(app, settings.nginx_artifact_root)
+    return Policy(served, url_map=app.url_map, artifact_root=root, access=access)
 
 
 def run(settings: Settings) -> None:
