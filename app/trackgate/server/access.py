@@ -8,7 +8,11 @@ by its endpoint (handler) name and method:
   like). Everyone may read; reads pass with one set lookup.
 - **writes**: everything else, each with a kind in ``WRITE_KINDS``: ``editor`` (any editor),
   ``run``/``experiment``/``model``/``logged_model``/``artifact`` (an editor who owns the run,
-  experiment, registered model or logged model, or was granted it), ``admin``. An endpoint
+  experiment, registered model or logged model, or was granted it), ``item`` (traces,
+  assessments, datasets, scorers, label schemas, review queues, issues, jobs: an editor who owns
+  or was granted EDIT on every experiment the item lives in, or is its recorded author; see
+  ``_ITEM_FAMILIES``), ``admin``. The owner of an experiment passes for everything in it. An
+  endpoint
   missing from the table (a new MLflow version) is admin-only until someone classifies it
   (tests/security/test_roles.py walks MLflow's list).
 
@@ -18,8 +22,9 @@ Grants: an experiment's or registered model's owner (or an admin, or a MANAGE gr
 ``trackgate.grant.group:<group>`` grants the same to every member of a group (groups.py; the
 gateway vouches for the user's groups, read here only when a resource carries such a tag).
 An experiment tagged ``trackgate.private`` = ``true`` is readable only by its owner, admins and
-users granted READ or more (PrivateExperiments; adding runs needs EDIT). While no experiment is
-private, reads keep their fast path.
+users granted READ or more (PrivateExperiments; adding runs needs EDIT). A model version made
+from one of its runs or logged models is hidden with it (refused by name, left out of lists).
+While no experiment is private, reads keep their fast path.
 
 Owners are recorded by the server itself: a run's ``user_id`` (stamped here from the verified
 user, whatever the client sends), and a ``trackgate.owner`` tag that the server puts on every
