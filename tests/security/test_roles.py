@@ -516,7 +516,21 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
     assert issue.status_code == 200, issue.text
     issue_id = issue.json()["issue"]["issue_id"]
 
+    bobs_experiment = _post(stack, bob, "experiments/create",
+                            {"name": f"bobs-{bob[0]}"}).json()["experiment_id"]
+    bobs_run = _post(stack, bob, "runs/create", {"experiment_id": bobs_experiment}).json()[
+        "run"]["info"]["run_id"]
     attacks = {
+        "end trace v2": stack.request("PATCH", f"/api/2.0/mlflow/traces/{trace_id}", auth=bob,
+                                      json={"timestamp_ms": 1, "status": "ERROR"}),
+        "link trace to own run": _post(stack, bob, "traces/link-to-run",
+                                       {"run_id": bobs_run, "trace_ids": [trace_id]}),
+        "invoke scorer": stack.request("POST", "/ajax-api/3.0/mlflow/scorer/invoke", auth=bob,
+                                       json={**scorer, "trace_ids": [trace_id]}),
+        "evaluate": stack.request("POST", "/ajax-api/3.0/mlflow/genai/evaluate/invoke",
+                                  auth=bob, json={"experiment_id": experiment_id,
+                                                  "trace_ids": [trace_id],
+                                                  "serialized_scorers": [_judge("j")]}),
         "set trace tag": _v3(stack, bob, f"traces/{trace_id}/tags", {"key": "team",
                                                                      "value": "bob"}, "PATCH"),
         "set trace tag v2": stack.request("PATCH", f"/api/2.0/mlflow/traces/{trace_id}/tags",
@@ -571,6 +585,13 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
                             {"issue_id": issue_id, "name": "bobs"}, "PATCH"),
         "optimize prompts": _v3(stack, bob, "prompt-optimization/jobs", {
             "experiment_id": experiment_id, "source_prompt_uri": "prompts:/p/1"}),
+        # a trace's spans are a file in the artifact store, beside the experiment's other files
+        "overwrite spans": stack.request(
+            "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/traces/{trace_id}/"
+            "artifacts/traces.json", auth=bob, data=b'{"spans": []}'),
+        "experiment file": stack.request(
+            "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/bob.txt", auth=bob,
+            data=b"bob was here"),
     }
     wrong = {what: (a.status_code, a.text[:200]) for what, a in attacks.items()
              if not _refused_by_policy(a)}
@@ -594,6 +615,9 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
     bobs_trace = _start_trace(stack, bob, experiment_id)
     assert _v3(stack, bob, f"traces/{bobs_trace}/tags", {"key": "team", "value": "bob"},
                "PATCH").status_code == 200
+    assert stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/traces/"
+                         f"{bobs_trace}/artifacts/traces.json", auth=bob,
+                         data=b'{"spans": []}').status_code == 200
     assert _refused_by_policy(_v3(stack, bob, f"traces/{bobs_trace}/tags",
                                   {"key": "trackgate.author", "value": carol[0]}, "PATCH"))
     # carol owns the experiment: bob's trace in it is hers to tag too

@@ -12,8 +12,7 @@ by its endpoint (handler) name and method:
   assessments, datasets, scorers, label schemas, review queues, issues, jobs: an editor who owns
   or was granted EDIT on every experiment the item lives in, or is its recorded author; see
   ``_ITEM_FAMILIES``), ``admin``. The owner of an experiment passes for everything in it. An
-  endpoint
-  missing from the table (a new MLflow version) is admin-only until someone classifies it
+  endpoint missing from the table (a new MLflow version) is admin-only until someone classifies it
   (tests/security/test_roles.py walks MLflow's list).
 
 Grants: an experiment's or registered model's owner (or an admin, or a MANAGE grantee) tags it
@@ -220,6 +219,7 @@ _AUTHOR_TAGGED = frozenset({"_start_trace_v3", "_deprecated_start_trace_v2",
 _NO_BODY = frozenset({"serve_upload_artifact"})  # the body is the file; ids in the query
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
+_TRACE_ID = re.compile(r"tr-[0-9a-f]{32}")
 
 
 def is_write(endpoint: str, method: str) -> bool:
@@ -852,7 +852,35 @@ class Access:
             )
 
     def _owned(self, call: Call, kind: str) -> Iterable[_Owned]:
-        """The existing runs, experiments or models CALL writes to (others: MLflow says 404)."""
+        """The existing runs, experiments, models or items CALL writes to (others: MLflow says
+        404)."""
+        found = False
+        for owned in self._owned_directly(call, kind):
+            found = True
+            yield owned
+        if kind == "artifact" and not found:
+            yield from self._artifact_elsewhere(call)
+
+    def _artifact_elsewhere(self, call: Call) -> Iterable[_Owned]:
+        """An artifact path that names no run or logged model: a trace's files
+        (EXPERIMENT/traces/TRACE_ID/...) follow the trace, anything else under an experiment's
+        directory (EXPERIMENT/...) follows the experiment."""
+        segments = str(call.view_args.get("artifact_path", "")).strip("/").split("/")
+        found = False
+        for segment in dict.fromkeys(segments):
+            if _TRACE_ID.fullmatch(segment) or _RUN_ID.fullmatch(segment):
+                exists, author, experiment_ids = self.owners.trace(segment)
+                for experiment_id in experiment_ids if exists else []:
+                    found = True
+                    yield _Owned("trace", segment, author, self._experiment_tags(experiment_id),
+                                 f"its experiment {experiment_id}")
+        if not found and segments[0].isdigit():
+            exists, tags = self.owners.experiment(segments[0])
+            if exists:
+                yield _Owned("experiment", segments[0], tags.get(OWNER_TAG),
+                             lambda tags=tags: tags, "it")
+
+    def _owned_directly(self, call: Call, kind: str) -> Iterable[_Owned]:
         body = call.body
         if kind in ("artifact", "logged_model"):
             if kind == "artifact":
