@@ -492,7 +492,8 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
     assert dataset.status_code == 200, dataset.text
     dataset_id = dataset.json()["dataset"]["dataset_id"]
     assert dataset.json()["dataset"]["created_by"] == carol[0]  # stamped, not the client's
-    records = json.dumps([{"inputs": {"q": "2+2"}, "expectations": {"a": "4"}}])
+    records = json.dumps([{"inputs": {"q": "2+2"}, "expectations": {"a": "4"},
+                           "tags": {"mlflow.user": "admin"}}])
     assert _v3(stack, carol, f"datasets/{dataset_id}/records",
                {"records": records}).status_code == 200
     scorer = {"experiment_id": experiment_id, "name": "carols_judge",
@@ -608,6 +609,7 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
     got = json.loads(_v3(stack, carol, f"datasets/{dataset_id}/records", None,
                          "GET").json()["records"])
     assert [r["expectations"] for r in got] == [{"a": "4"}]
+    assert [r["created_by"] for r in got] == [carol[0]]  # stamped, not the client's
     assert _v3(stack, carol, "review-queues/get", {"queue_id": queue_id}, "GET").json()[
         "review_queue"]["created_by"] == carol[0]
 
@@ -620,6 +622,10 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
                          data=b'{"spans": []}').status_code == 200
     assert _refused_by_policy(_v3(stack, bob, f"traces/{bobs_trace}/tags",
                                   {"key": "trackgate.author", "value": carol[0]}, "PATCH"))
+    v2 = _post(stack, bob, "traces", {"experiment_id": experiment_id, "timestamp_ms": 1,
+                                       "tags": [{"key": "trackgate.author", "value": carol[0]}]})
+    assert v2.status_code == 200, v2.text
+    assert {"key": "trackgate.author", "value": bob[0]} in v2.json()["trace_info"]["tags"]
     # carol owns the experiment: bob's trace in it is hers to tag too
     assert _v3(stack, carol, f"traces/{bobs_trace}/tags", {"key": "team", "value": "carol"},
                "PATCH").status_code == 200

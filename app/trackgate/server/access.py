@@ -838,7 +838,10 @@ class Access:
             if granted(tags, call.user,
                        self._groups_of(call.environ, call.user)) >= LEVELS[needed]:
                 continue
-            if owned.granted_on == "it":
+            if owned.granted_on == "no experiment":
+                whose = f"its author {owned.owner!r}" if owned.owner else \
+                    "its author (none recorded)"
+            elif owned.granted_on == "it":
                 whose = f"its owner {owned.owner!r}" if owned.owner else \
                     "its owner (none recorded)"
             else:
@@ -1061,6 +1064,19 @@ class Access:
             if not isinstance(tags, dict):
                 return
             body["tags"] = json.dumps({**tags, USER_TAG: user})
+        elif endpoint == "_upsert_dataset_records_handler":
+            # ... a record's created_by (and the dataset's last_updated_by) from the record's
+            # own mlflow.user tag
+            try:
+                records = json.loads(body.get("records") or "[]")
+            except (TypeError, ValueError):
+                return
+            if not isinstance(records, list):
+                return
+            body["records"] = json.dumps([
+                {**r, "tags": {**(r.get("tags") if isinstance(r.get("tags"), dict) else {}),
+                               USER_TAG: user}} if isinstance(r, dict) else r
+                for r in records])
         elif endpoint == "_start_trace_v3":
             trace = body.get("trace")
             info = (trace.get("trace_info") or trace.get("traceInfo")
