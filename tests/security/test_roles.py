@@ -651,12 +651,13 @@ def _eventually(check: Any, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def test_model_versions_from_a_private_experiment_are_as_private_as_its_runs(
+def test_model_versions_and_datasets_of_a_private_experiment_are_as_private_as_its_runs(
     stack: RunningStack,
 ) -> None:
     """carol's public registered model has a version made from a run of her private experiment:
     bob (no READ) does not get it, its files, its download location or its alias, and lists
-    leave it out; the version made from a public run stays visible. READ shows it."""
+    leave it out; the version made from a public run stays visible. The experiment's evaluation
+    datasets and review queues are hidden the same way. READ shows them."""
     carol = _user(stack, "carol", "editor")
     bob = _user(stack, "bob", "editor")
     private_id = _post(stack, carol, "experiments/create", {
@@ -688,6 +689,22 @@ def test_model_versions_from_a_private_experiment_are_as_private_as_its_runs(
                  {"name": model, "alias": "champion", "version": "2"}).status_code == 200
 
     where = quote(f"name = '{model}'")
+
+    dataset_id = _v3(stack, carol, "datasets/create", {
+        "name": f"secret-set-{carol[0]}", "experiment_ids": [private_id]}).json()["dataset"][
+        "dataset_id"]
+    queue_id = _v3(stack, carol, "review-queues/create", {
+        "experiment_id": private_id, "name": "secret-queue", "queue_type": "CUSTOM"}).json()[
+        "review_queue"]["queue_id"]
+
+    def evaluation_data(who: tuple[str, str]) -> list[requests.Response]:
+        return [_v3(stack, who, f"datasets/{dataset_id}", None, "GET"),
+                _v3(stack, who, f"datasets/{dataset_id}/records", None, "GET"),
+                stack.get(f"/api/3.0/mlflow/review-queues/get?queue_id={queue_id}", auth=who)]
+
+    def datasets_listed(who: tuple[str, str]) -> bool:
+        found = _v3(stack, who, "datasets/search", {"max_results": 1000}).json()
+        return dataset_id in {d["dataset_id"] for d in found.get("datasets", [])}
 
     def listed(who: tuple[str, str]) -> set[str]:
         found = stack.get(f"/api/2.0/mlflow/model-versions/search?filter={where}",
@@ -731,11 +748,16 @@ def test_model_versions_from_a_private_experiment_are_as_private_as_its_runs(
     assert graphql.status_code == 200, graphql.text
     versions = graphql.json()["data"]["mlflowSearchModelVersions"]["modelVersions"]
     assert [v["version"] for v in versions] == ["1"]
+    assert all(_refused_by_policy(a) for a in evaluation_data(bob)), \
+        [(a.status_code, a.text[:150]) for a in evaluation_data(bob)]
+    assert datasets_listed(carol) and not datasets_listed(bob)
 
     _post(stack, carol, "experiments/set-experiment-tag", {
         "experiment_id": private_id, "key": f"trackgate.grant.{bob[0]}", "value": "READ"})
     _eventually(lambda: listed(bob) == {"1", "2", "3"})
     assert [a.status_code for a in named(bob, "2")][:2] == [200, 200]
+    assert [a.status_code for a in evaluation_data(bob)] == [200, 200, 200]
+    assert datasets_listed(bob)
 
 
 # --- server-stamped authors and the audit log -------------------------------------------------

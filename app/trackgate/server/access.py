@@ -453,6 +453,18 @@ _RUN_TOKEN = re.compile(r"(?<![0-9a-f-])[0-9a-f]{32}(?![0-9a-f])")
 _TRACE_TOKEN = re.compile(r"tr-[0-9a-f]{32}")
 _MODEL_TOKEN = re.compile(r"m-[0-9a-f]{32}")
 _EXPERIMENT_SEARCHES = frozenset({"_search_experiments"})
+_DATASET_SEARCHES = frozenset({"_search_evaluation_datasets_handler"})
+# Ids of things that live in an experiment, as requests name them (path, query or body), and the
+# Owners method that finds their experiments: a private experiment's datasets, review queues,
+# label schemas, issues and jobs are as private as it is.
+_ITEM_IDS = {"dataset_id": "dataset", "queue_id": "review_queue", "schema_id": "label_schema",
+             "issue_id": "issue", "job_id": "prompt_job"}
+
+
+def _without_experiments(answer: Any, hidden: frozenset[str]) -> Any:
+    answer["experiments"] = [e for e in answer.get("experiments", [])
+                             if str(e.get("experiment_id")) not in hidden]
+    return answer
 # Registry requests that name one model version (by name and version, or alias): refused if it
 # was made from a run of a private experiment the user may not read.
 _VERSION_NAMED = frozenset({
@@ -679,6 +691,9 @@ class Access:
             return _error(start_response, exc)
         if endpoint in _EXPERIMENT_SEARCHES:
             return self._filtered_search(policy, environ, start_response, hidden)
+        if endpoint in _DATASET_SEARCHES:
+            return self._filtered_search(policy, environ, start_response, hidden,
+                                         leave_out=self._without_hidden_datasets)
         if endpoint in _VERSION_LISTS or (endpoint == "_graphql" and isinstance(body, dict)
                                           and "odelVersion" in str(body.get("query"))):
             # model versions made from runs of these experiments are left out of the answer
@@ -687,7 +702,7 @@ class Access:
                                            start_response)
 
             return self._filtered_search(policy, environ, start_response, hidden, then,
-                                         versions=True)
+                                         self._without_hidden_versions)
         if not write and rule is None:
             return policy.app(environ, start_response)
         return self.handle_checked(policy, endpoint, view_args, rule, environ, start_response)
@@ -706,6 +721,13 @@ class Access:
             if exists:
                 found.add(experiment_id)
         return found
+
+    def _without_hidden_datasets(self, answer: Any, hidden: frozenset[str]) -> Any:
+        """An evaluation-dataset search without the datasets of HIDDEN experiments."""
+        answer["datasets"] = [
+            d for d in answer.get("datasets", [])
+            if not set(self.owners.dataset(str(d.get("dataset_id")))[2]) & hidden]
+        return answer
 
     def _without_hidden_versions(self, node: Any, hidden: frozenset[str]) -> Any:
         """NODE (a JSON answer) without the model versions made in a HIDDEN experiment."""
@@ -751,6 +773,15 @@ class Access:
             exists, _, experiment_id = self.owners.logged_model(model_id)
             if exists:
                 named.add(experiment_id)
+        params = parse_qs(environ.get("QUERY_STRING", ""))
+        for key, family in _ITEM_IDS.items():
+            idents = params.get(key, []) + _strings(body, key)
+            if key in view_args:
+                idents.append(str(view_args[key]))
+            for ident in dict.fromkeys(idents):
+                exists, _, experiment_ids = getattr(self.owners, family)(ident)
+                if exists:
+                    named.update(experiment_ids)
         if endpoint in _VERSION_NAMED:
             # a model version made from a run of a private experiment is as private as the run
             params = parse_qs(environ.get("QUERY_STRING", ""))
@@ -766,10 +797,11 @@ class Access:
 
     def _filtered_search(
         self, policy: Policy, environ: dict[str, Any], start_response: StartResponse,
-        hidden: frozenset[str], app: Callable[..., Any] | None = None, versions: bool = False,
+        hidden: frozenset[str], app: Callable[..., Any] | None = None,
+        leave_out: Callable[[Any, frozenset[str]], Any] | None = None,
     ) -> Iterable[bytes]:
-        """APP's answer without the HIDDEN experiments (or, with VERSIONS, without the model
-        versions made in them)."""
+        """APP's JSON answer, passed through LEAVE_OUT (default: without the HIDDEN
+        experiments). An answer that cannot be read is not sent."""
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
@@ -784,22 +816,14 @@ class Access:
             if close is not None:
                 close()
         headers = captured.get("headers", [])
-        if versions and captured.get("status", "").startswith("200"):
+        if captured.get("status", "").startswith("200"):
             try:
-                data = json.dumps(self._without_hidden_versions(json.loads(data),
-                                                                hidden)).encode()
-            except ValueError:  # not JSON: it cannot be filtered, so it is not sent
-                return _error(start_response, PolicyViolation(
-                    "the answer could not be checked for private model versions",
-                    "500 Internal Server Error", "INTERNAL_ERROR"))
-        elif captured.get("status", "").startswith("200"):
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
                 answer = json.loads(data)
-                answer["experiments"] = [
-                    e for e in answer.get("experiments", [])
-                    if str(e.get("experiment_id")) not in hidden
-                ]
-                data = json.dumps(answer).encode()
+                data = json.dumps((leave_out or _without_experiments)(answer, hidden)).encode()
+            except (ValueError, AttributeError, TypeError):
+                return _error(start_response, PolicyViolation(
+                    "the answer could not be checked for private experiments",
+                    "500 Internal Server Error", "INTERNAL_ERROR"))
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(captured.get("status", "500 Internal Server Error"),
                        [*headers, ("Content-Length", str(len(data)))])
