@@ -483,8 +483,9 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
     trace_id = _start_trace(stack, carol, experiment_id)
     assessment = _v3(stack, carol, f"traces/{trace_id}/assessments", {"assessment": {
         "assessment_name": "quality", "trace_id": trace_id, "feedback": {"value": True},
-        "source": {"source_type": "HUMAN", "source_id": carol[0]}}})
+        "source": {"source_type": "HUMAN", "source_id": "admin"}}})
     assert assessment.status_code == 200, assessment.text
+    assert assessment.json()["assessment"]["source"]["source_id"] == carol[0]  # stamped
     assessment_id = assessment.json()["assessment"]["assessment_id"]
     dataset = _v3(stack, carol, "datasets/create", {
         "name": f"golden-{carol[0]}", "experiment_ids": [experiment_id],

@@ -1101,6 +1101,15 @@ class Access:
                 {**r, "tags": {**(r.get("tags") if isinstance(r.get("tags"), dict) else {}),
                                USER_TAG: user}} if isinstance(r, dict) else r
                 for r in records])
+        elif endpoint == "_create_assessment":
+            # a person's feedback or expectation names them as its source: the verified user
+            assessment = body.get("assessment")
+            source = assessment.get("source") if isinstance(assessment, dict) else None
+            if not isinstance(source, dict) or source.get("source_type", source.get(
+                    "sourceType")) != "HUMAN":
+                return
+            source.pop("sourceId", None)
+            source["source_id"] = user
         elif endpoint == "_start_trace_v3":
             trace = body.get("trace")
             info = (trace.get("trace_info") or trace.get("traceInfo")
