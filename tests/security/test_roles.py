@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -438,6 +439,326 @@ def test_a_grant_to_a_group_reaches_its_members_on_their_next_request(
         "name": model, "key": f"trackgate.grant.group:{group}", "value": "MANAGE"},
     ).status_code == 200
     assert _post(stack, bob, "registered-models/alias", alias).status_code == 200
+
+
+# --- things that live in experiments: traces, assessments, datasets, scorers, review queues ---
+
+
+def _v3(stack: RunningStack, auth: tuple[str, str], path: str, body: dict[str, Any] | None = None,
+        method: str = "POST") -> requests.Response:
+    return stack.request(method, f"/api/3.0/mlflow/{path}", auth=auth, json=body)
+
+
+def _start_trace(stack: RunningStack, auth: tuple[str, str], experiment_id: str) -> str:
+    """A trace as the MLflow client starts one (v3), with a client-chosen tag."""
+    import secrets
+
+    trace_id = f"tr-{secrets.token_hex(16)}"
+    answer = _v3(stack, auth, "traces", {"trace": {"trace_info": {
+        "trace_id": trace_id, "request_time": "2026-12-01T00:00:00Z", "state": "OK",
+        "trace_location": {"type": "MLFLOW_EXPERIMENT",
+                           "mlflow_experiment": {"experiment_id": experiment_id}},
+        "tags": {"team": "carol", "trackgate.author": "admin"}}}})
+    assert answer.status_code == 200, answer.text
+    return trace_id
+
+
+def _judge(name: str) -> str:
+    from mlflow.genai.judges import make_judge
+
+    judge = make_judge(name=name, instructions="Is {{ outputs }} polite?",
+                       model="openai:/gpt-4o-mini", feedback_value_type=bool)
+    return json.dumps(judge.model_dump())
+
+
+def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_queues(
+    stack: RunningStack,
+) -> None:
+    """Items in an experiment follow the experiment: written by its owner, an EDIT grantee, an
+    admin, or the item's own (server-recorded) author -- nobody else."""
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    experiment_id = _post(stack, carol, "experiments/create",
+                          {"name": f"genai-{carol[0]}"}).json()["experiment_id"]
+    trace_id = _start_trace(stack, carol, experiment_id)
+    assessment = _v3(stack, carol, f"traces/{trace_id}/assessments", {"assessment": {
+        "assessment_name": "quality", "trace_id": trace_id, "feedback": {"value": True},
+        "source": {"source_type": "HUMAN", "source_id": "admin"}}})
+    assert assessment.status_code == 200, assessment.text
+    assert assessment.json()["assessment"]["source"]["source_id"] == carol[0]  # stamped
+    assessment_id = assessment.json()["assessment"]["assessment_id"]
+    dataset = _v3(stack, carol, "datasets/create", {
+        "name": f"golden-{carol[0]}", "experiment_ids": [experiment_id],
+        "tags": json.dumps({"mlflow.user": "admin"})})
+    assert dataset.status_code == 200, dataset.text
+    dataset_id = dataset.json()["dataset"]["dataset_id"]
+    assert dataset.json()["dataset"]["created_by"] == carol[0]  # stamped, not the client's
+    records = json.dumps([{"inputs": {"q": "2+2"}, "expectations": {"a": "4"},
+                           "tags": {"mlflow.user": "admin"}}])
+    assert _v3(stack, carol, f"datasets/{dataset_id}/records",
+               {"records": records}).status_code == 200
+    scorer = {"experiment_id": experiment_id, "name": "carols_judge",
+              "serialized_scorer": _judge("carols_judge")}
+    assert _v3(stack, carol, "scorers/register", scorer).status_code == 200
+    schema = _v3(stack, carol, "label-schemas/create", {
+        "experiment_id": experiment_id, "name": "tone", "type": "FEEDBACK",
+        "input": {"categorical": {"options": ["good", "bad"]}}})
+    assert schema.status_code == 200, schema.text
+    schema_id = schema.json()["label_schema"]["schema_id"]
+    queue = _v3(stack, carol, "review-queues/create", {
+        "experiment_id": experiment_id, "name": "carols-queue", "queue_type": "CUSTOM",
+        "users": [carol[0]]})
+    assert queue.status_code == 200, queue.text
+    queue_id = queue.json()["review_queue"]["queue_id"]
+    assert queue.json()["review_queue"]["created_by"] == carol[0]
+    assert _v3(stack, carol, "review-queues/items/add",
+               {"queue_id": queue_id, "item_ids": [trace_id]}).status_code == 200
+    issue = _v3(stack, carol, "issues", {"experiment_id": experiment_id, "name": "rude",
+                                         "description": "rude answers"})
+    assert issue.status_code == 200, issue.text
+    issue_id = issue.json()["issue"]["issue_id"]
+
+    bobs_experiment = _post(stack, bob, "experiments/create",
+                            {"name": f"bobs-{bob[0]}"}).json()["experiment_id"]
+    bobs_run = _post(stack, bob, "runs/create", {"experiment_id": bobs_experiment}).json()[
+        "run"]["info"]["run_id"]
+    attacks = {
+        "end trace v2": stack.request("PATCH", f"/api/2.0/mlflow/traces/{trace_id}", auth=bob,
+                                      json={"timestamp_ms": 1, "status": "ERROR"}),
+        "link trace to own run": _post(stack, bob, "traces/link-to-run",
+                                       {"run_id": bobs_run, "trace_ids": [trace_id]}),
+        "invoke scorer": stack.request("POST", "/ajax-api/3.0/mlflow/scorer/invoke", auth=bob,
+                                       json={**scorer, "trace_ids": [trace_id]}),
+        "evaluate": stack.request("POST", "/ajax-api/3.0/mlflow/genai/evaluate/invoke",
+                                  auth=bob, json={"experiment_id": experiment_id,
+                                                  "trace_ids": [trace_id],
+                                                  "serialized_scorers": [_judge("j")]}),
+        "set trace tag": _v3(stack, bob, f"traces/{trace_id}/tags", {"key": "team",
+                                                                     "value": "bob"}, "PATCH"),
+        "set trace tag v2": stack.request("PATCH", f"/api/2.0/mlflow/traces/{trace_id}/tags",
+                                          auth=bob, json={"key": "team", "value": "bob"}),
+        "delete trace tag": _v3(stack, bob, f"traces/{trace_id}/tags", {"key": "team"},
+                                "DELETE"),
+        "link prompts": _post(stack, bob, "traces/link-prompts", {
+            "trace_id": trace_id, "prompt_versions": [{"name": "p", "version": "1"}]}),
+        "create assessment": _v3(stack, bob, f"traces/{trace_id}/assessments", {"assessment": {
+            "assessment_name": "quality", "trace_id": trace_id, "feedback": {"value": False},
+            "source": {"source_type": "HUMAN", "source_id": bob[0]}}}),
+        "update assessment": _v3(stack, bob, f"traces/{trace_id}/assessments/{assessment_id}", {
+            "assessment": {"feedback": {"value": False}},
+            "update_mask": "feedback"}, "PATCH"),
+        "delete assessment": _v3(stack, bob, f"traces/{trace_id}/assessments/{assessment_id}",
+                                 None, "DELETE"),
+        "delete dataset": _v3(stack, bob, f"datasets/{dataset_id}", None, "DELETE"),
+        "set dataset tags": _v3(stack, bob, f"datasets/{dataset_id}/tags",
+                                {"tags": json.dumps({"stage": "bob"})}, "PATCH"),
+        "delete dataset tag": _v3(stack, bob, f"datasets/{dataset_id}/tags/mlflow.user", None,
+                                  "DELETE"),
+        "upsert records": _v3(stack, bob, f"datasets/{dataset_id}/records", {
+            "records": json.dumps([{"inputs": {"q": "2+2"}, "expectations": {"a": "5"}}])}),
+        "delete records": _v3(stack, bob, f"datasets/{dataset_id}/records",
+                              {"dataset_record_ids": ["x"]}, "DELETE"),
+        "unlink dataset": _v3(stack, bob, f"datasets/{dataset_id}/remove-experiments",
+                              {"experiment_ids": [experiment_id]}),
+        "overwrite scorer": _v3(stack, bob, "scorers/register", {
+            **scorer, "serialized_scorer": _judge("carols_judge")}),
+        "delete scorer": _v3(stack, bob, "scorers/delete", {"experiment_id": experiment_id,
+                                                            "name": "carols_judge"}, "DELETE"),
+        "create label schema": _v3(stack, bob, "label-schemas/create", {
+            "experiment_id": experiment_id, "name": "bobs", "type": "FEEDBACK",
+            "input": {"text": {}}}),
+        "update label schema": _v3(stack, bob, "label-schemas/update",
+                                   {"schema_id": schema_id, "name": "bobs"}, "PATCH"),
+        "delete label schema": _v3(stack, bob, "label-schemas/delete", {"schema_id": schema_id},
+                                   "DELETE"),
+        "create queue": _v3(stack, bob, "review-queues/create", {
+            "experiment_id": experiment_id, "name": "bobs-queue", "queue_type": "CUSTOM"}),
+        "user queue": _v3(stack, bob, "review-queues/get-or-create-user",
+                          {"experiment_id": experiment_id, "user": bob[0]}),
+        "take queue": _v3(stack, bob, "review-queues/update",
+                          {"queue_id": queue_id, "new_owner": bob[0]}),
+        "delete queue": _v3(stack, bob, "review-queues/delete", {"queue_id": queue_id}),
+        "remove items": _v3(stack, bob, "review-queues/items/remove",
+                            {"queue_id": queue_id, "item_ids": [trace_id]}),
+        "set item status": _v3(stack, bob, "review-queues/items/set-status",
+                               {"queue_id": queue_id, "item_id": trace_id,
+                                "status": "COMPLETED"}),
+        "update issue": _v3(stack, bob, f"issues/{issue_id}",
+                            {"issue_id": issue_id, "name": "bobs"}, "PATCH"),
+        "optimize prompts": _v3(stack, bob, "prompt-optimization/jobs", {
+            "experiment_id": experiment_id, "source_prompt_uri": "prompts:/p/1"}),
+        # a trace's spans are a file in the artifact store, beside the experiment's other files
+        "overwrite spans": stack.request(
+            "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/traces/{trace_id}/"
+            "artifacts/traces.json", auth=bob, data=b'{"spans": []}'),
+        "experiment file": stack.request(
+            "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/bob.txt", auth=bob,
+            data=b"bob was here"),
+    }
+    wrong = {what: (a.status_code, a.text[:200]) for what, a in attacks.items()
+             if not _refused_by_policy(a)}
+    assert not wrong, wrong
+    message = attacks["delete assessment"].json()["message"]
+    assert f"its author {carol[0]!r}" in message and f"experiment {experiment_id}" in message
+
+    # nothing of carol's changed
+    trace = _v3(stack, carol, f"traces/{trace_id}", None, "GET").json()["trace"]["trace_info"]
+    assert trace["tags"]["team"] == "carol"
+    assert trace["tags"]["trackgate.author"] == carol[0]  # the server's, not the client's
+    kept = _v3(stack, carol, f"traces/{trace_id}/assessments/{assessment_id}", None, "GET")
+    assert kept.json()["assessment"]["feedback"]["value"] is True
+    got = json.loads(_v3(stack, carol, f"datasets/{dataset_id}/records", None,
+                         "GET").json()["records"])
+    assert [r["expectations"] for r in got] == [{"a": "4"}]
+    assert [r["created_by"] for r in got] == [carol[0]]  # stamped, not the client's
+    assert _v3(stack, carol, "review-queues/get", {"queue_id": queue_id}, "GET").json()[
+        "review_queue"]["created_by"] == carol[0]
+
+    # bob's own trace in carol's experiment is his to tag, but its author tag is the server's
+    bobs_trace = _start_trace(stack, bob, experiment_id)
+    assert _v3(stack, bob, f"traces/{bobs_trace}/tags", {"key": "team", "value": "bob"},
+               "PATCH").status_code == 200
+    assert stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/traces/"
+                         f"{bobs_trace}/artifacts/traces.json", auth=bob,
+                         data=b'{"spans": []}').status_code == 200
+    assert _refused_by_policy(_v3(stack, bob, f"traces/{bobs_trace}/tags",
+                                  {"key": "trackgate.author", "value": carol[0]}, "PATCH"))
+    v2 = _post(stack, bob, "traces", {"experiment_id": experiment_id, "timestamp_ms": 1,
+                                       "tags": [{"key": "trackgate.author", "value": carol[0]}]})
+    assert v2.status_code == 200, v2.text
+    assert {"key": "trackgate.author", "value": bob[0]} in v2.json()["trace_info"]["tags"]
+    # carol owns the experiment: bob's trace in it is hers to tag too
+    assert _v3(stack, carol, f"traces/{bobs_trace}/tags", {"key": "team", "value": "carol"},
+               "PATCH").status_code == 200
+    # a grant of EDIT on the experiment lets bob write its items
+    assert _post(stack, carol, "experiments/set-experiment-tag", {
+        "experiment_id": experiment_id, "key": f"trackgate.grant.{bob[0]}",
+        "value": "EDIT"}).status_code == 200
+    assert _v3(stack, bob, f"traces/{trace_id}/tags", {"key": "team", "value": "bob"},
+               "PATCH").status_code == 200
+    assert _v3(stack, bob, f"datasets/{dataset_id}/tags",
+               {"tags": json.dumps({"stage": "bob"})}, "PATCH").status_code == 200
+    assert _v3(stack, bob, "scorers/delete", {"experiment_id": experiment_id,
+                                              "name": "carols_judge"}, "DELETE").status_code == 200
+
+
+def _eventually(check: Any, timeout: float = 10.0) -> None:
+    """Every worker re-reads the private experiments within 2 s: wait for CHECK to hold."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "still not so after 10 s"
+        time.sleep(0.2)
+
+
+def test_model_versions_and_datasets_of_a_private_experiment_are_as_private_as_its_runs(
+    stack: RunningStack,
+) -> None:
+    """carol's public registered model has a version made from a run of her private experiment:
+    bob (no READ) does not get it, its files, its download location or its alias, and lists
+    leave it out; the version made from a public run stays visible. The experiment's evaluation
+    datasets and review queues are hidden the same way. READ shows them."""
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    private_id = _post(stack, carol, "experiments/create", {
+        "name": f"secret-{carol[0]}", "tags": [{"key": "trackgate.private", "value": "true"}],
+    }).json()["experiment_id"]
+    public_id = _post(stack, carol, "experiments/create",
+                      {"name": f"open-{carol[0]}"}).json()["experiment_id"]
+    runs = {}
+    for where, experiment_id in (("public", public_id), ("private", private_id)):
+        runs[where] = _post(stack, carol, "runs/create", {"experiment_id": experiment_id}
+                            ).json()["run"]["info"]["run_id"]
+        stack.request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/"
+                      f"{runs[where]}/artifacts/model/MLmodel", auth=carol,
+                      data=b"artifact_path: model\nflavors: {}\n").raise_for_status()
+    model = f"mixed-{carol[0]}"
+    assert _post(stack, carol, "registered-models/create", {"name": model}).status_code == 200
+    logged_id = _post(stack, carol, "logged-models", {"experiment_id": private_id,
+                                                      "name": "secret"}).json()["model"]["info"][
+        "model_id"]
+    # version 1 from the public run; 2 from the private run; 3 from a logged model of the
+    # private experiment (no run)
+    for source, extra in ((f"runs:/{runs['public']}/model", {"run_id": runs["public"]}),
+                          (f"runs:/{runs['private']}/model", {"run_id": runs["private"]}),
+                          (f"models:/{logged_id}", {"model_id": logged_id})):
+        body = {"name": model, "source": source, **extra}
+        made = _post(stack, carol, "model-versions/create", body)
+        assert made.status_code == 200, made.text
+    assert _post(stack, carol, "registered-models/alias",
+                 {"name": model, "alias": "champion", "version": "2"}).status_code == 200
+
+    where = quote(f"name = '{model}'")
+
+    dataset_id = _v3(stack, carol, "datasets/create", {
+        "name": f"secret-set-{carol[0]}", "experiment_ids": [private_id]}).json()["dataset"][
+        "dataset_id"]
+    queue_id = _v3(stack, carol, "review-queues/create", {
+        "experiment_id": private_id, "name": "secret-queue", "queue_type": "CUSTOM"}).json()[
+        "review_queue"]["queue_id"]
+
+    def evaluation_data(who: tuple[str, str]) -> list[requests.Response]:
+        return [_v3(stack, who, f"datasets/{dataset_id}", None, "GET"),
+                _v3(stack, who, f"datasets/{dataset_id}/records", None, "GET"),
+                stack.get(f"/api/3.0/mlflow/review-queues/get?queue_id={queue_id}", auth=who)]
+
+    def datasets_listed(who: tuple[str, str]) -> bool:
+        found = _v3(stack, who, "datasets/search", {"max_results": 1000}).json()
+        return dataset_id in {d["dataset_id"] for d in found.get("datasets", [])}
+
+    def listed(who: tuple[str, str]) -> set[str]:
+        found = stack.get(f"/api/2.0/mlflow/model-versions/search?filter={where}",
+                          auth=who).json().get("model_versions", [])
+        return {v["version"] for v in found}
+
+    def named(who: tuple[str, str], version: str) -> list[requests.Response]:
+        return [
+            stack.get(f"/api/2.0/mlflow/model-versions/get?name={model}&version={version}",
+                      auth=who),
+            stack.get(f"/api/2.0/mlflow/model-versions/get-download-uri?name={model}"
+                      f"&version={version}", auth=who),
+            stack.get(f"/model-versions/get-artifact?name={model}"
+                      f"&version={version}&path=MLmodel", auth=who),
+        ]
+
+    _eventually(lambda: listed(bob) == {"1"})
+    assert listed(carol) == {"1", "2", "3"}
+    assert listed(("admin", stack.admin_password)) == {"1", "2", "3"}
+    for version in ("2", "3"):
+        answers = named(bob, version)
+        assert all(_refused_by_policy(a) and "private" in a.text for a in answers), \
+            [(a.status_code, a.text[:150]) for a in answers]
+    # (MLflow itself cannot serve a version's files from mlflow-artifacts: its own 500)
+    assert [a.status_code for a in named(bob, "1")][:2] == [200, 200]
+    assert not any(_refused_by_policy(a) for a in named(bob, "1"))
+    assert _refused_by_policy(stack.get(
+        f"/api/2.0/mlflow/registered-models/alias?name={model}&alias=champion", auth=bob))
+    # the registered model itself stays visible, without the private versions
+    got = stack.get(f"/api/2.0/mlflow/registered-models/get?name={model}", auth=bob).json()
+    assert [v["version"] for v in got["registered_model"].get("latest_versions", [])] == []
+    searched = stack.get(f"/api/2.0/mlflow/registered-models/search?filter={where}",
+                         auth=bob).json()["registered_models"]
+    assert len(searched) == 1 and not searched[0].get("latest_versions")
+    assert _post(stack, bob, "registered-models/get-latest-versions",
+                 {"name": model}).json().get("model_versions", []) == []
+    graphql = stack.request("POST", "/graphql", auth=bob, json={
+        "query": "query q($f: String) { mlflowSearchModelVersions(input: {filter: $f}) "
+                 "{ modelVersions { version runId source } } }",
+        "variables": {"f": f"name = '{model}'"}})
+    assert graphql.status_code == 200, graphql.text
+    versions = graphql.json()["data"]["mlflowSearchModelVersions"]["modelVersions"]
+    assert [v["version"] for v in versions] == ["1"]
+    assert all(_refused_by_policy(a) for a in evaluation_data(bob)), \
+        [(a.status_code, a.text[:150]) for a in evaluation_data(bob)]
+    assert datasets_listed(carol) and not datasets_listed(bob)
+
+    _post(stack, carol, "experiments/set-experiment-tag", {
+        "experiment_id": private_id, "key": f"trackgate.grant.{bob[0]}", "value": "READ"})
+    _eventually(lambda: listed(bob) == {"1", "2", "3"})
+    assert [a.status_code for a in named(bob, "2")][:2] == [200, 200]
+    assert [a.status_code for a in evaluation_data(bob)] == [200, 200, 200]
+    assert datasets_listed(bob)
 
 
 # --- server-stamped authors and the audit log -------------------------------------------------

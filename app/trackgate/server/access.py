@@ -8,8 +8,11 @@ by its endpoint (handler) name and method:
   like). Everyone may read; reads pass with one set lookup.
 - **writes**: everything else, each with a kind in ``WRITE_KINDS``: ``editor`` (any editor),
   ``run``/``experiment``/``model``/``logged_model``/``artifact`` (an editor who owns the run,
-  experiment, registered model or logged model, or was granted it), ``admin``. An endpoint
-  missing from the table (a new MLflow version) is admin-only until someone classifies it
+  experiment, registered model or logged model, or was granted it), ``item`` (traces,
+  assessments, datasets, scorers, label schemas, review queues, issues, jobs: an editor who owns
+  or was granted EDIT on every experiment the item lives in, or is its recorded author; see
+  ``_ITEM_FAMILIES``), ``admin``. The owner of an experiment passes for everything in it. An
+  endpoint missing from the table (a new MLflow version) is admin-only until someone classifies it
   (tests/security/test_roles.py walks MLflow's list).
 
 Grants: an experiment's or registered model's owner (or an admin, or a MANAGE grantee) tags it
@@ -18,8 +21,9 @@ Grants: an experiment's or registered model's owner (or an admin, or a MANAGE gr
 ``trackgate.grant.group:<group>`` grants the same to every member of a group (groups.py; the
 gateway vouches for the user's groups, read here only when a resource carries such a tag).
 An experiment tagged ``trackgate.private`` = ``true`` is readable only by its owner, admins and
-users granted READ or more (PrivateExperiments; adding runs needs EDIT). While no experiment is
-private, reads keep their fast path.
+users granted READ or more (PrivateExperiments; adding runs needs EDIT). A model version made
+from one of its runs or logged models is hidden with it (refused by name, left out of lists).
+While no experiment is private, reads keep their fast path.
 
 Owners are recorded by the server itself: a run's ``user_id`` (stamped here from the verified
 user, whatever the client sends), and a ``trackgate.owner`` tag that the server puts on every
@@ -111,25 +115,43 @@ READ_POSTS = frozenset(
 )
 
 _EDITOR = (
-    # creating things (the server records the creator as owner)
+    # creating things (the server records the creator as owner or author); creating inside a
+    # private experiment needs EDIT on it (_CREATES_IN_EXPERIMENT)
     "_create_experiment _create_run serve_create_promptlab_run _create_registered_model "
-    # traces, logged models, evaluation: no owner recorded, any editor
-    "_start_trace_v3 _deprecated_start_trace_v2 _deprecated_end_trace_v2 _set_trace_tag "
-    "_set_trace_tag_v3 _delete_trace_tag _delete_trace_tag_v3 _delete_traces "
-    "_link_prompts_to_trace _create_assessment _update_assessment _delete_assessment "
-    "_create_logged_model "
-    "_create_issue _update_issue _invoke_issue_detection_handler "
-    "_create_label_schema _update_label_schema _delete_label_schema "
-    "_create_dataset_handler _delete_dataset_handler _set_dataset_tags_handler "
-    "_delete_dataset_tag_handler _upsert_dataset_records_handler _delete_dataset_records_handler "
-    "_add_dataset_to_experiments_handler _remove_dataset_from_experiments_handler "
-    "_register_scorer _delete_scorer _invoke_scorer_handler _invoke_genai_evaluate_handler "
-    "_create_prompt_optimization_job _cancel_prompt_optimization_job "
-    "_delete_prompt_optimization_job "
-    "_create_review_queue _get_or_create_user_queue _update_review_queue _delete_review_queue "
-    "_add_items_to_review_queue _remove_items_from_review_queue _set_review_queue_item_status "
+    "_start_trace_v3 _deprecated_start_trace_v2 _create_logged_model _create_issue "
+    "_create_dataset_handler "
     "serve_gateway_proxy"
 )
+# Writes to things that live in experiments: traces and their assessments, evaluation datasets,
+# scorers, label schemas, review queues, issues, evaluation and optimization jobs. An editor may
+# do them when they may write the experiment (its owner or an EDIT grantee) or when they are the
+# item's own author (a trace's trackgate.author, a dataset's created_by, an issue's or review
+# queue's created_by). `_ITEM_FAMILY` says how each finds its item and experiments.
+_ITEM_FAMILIES = {
+    "trace": "_set_trace_tag _set_trace_tag_v3 _delete_trace_tag _delete_trace_tag_v3 "
+             "_deprecated_end_trace_v2 _link_prompts_to_trace _create_assessment "
+             "_update_assessment _delete_assessment",
+    "dataset": "_delete_dataset_handler _set_dataset_tags_handler _delete_dataset_tag_handler "
+               "_upsert_dataset_records_handler _delete_dataset_records_handler "
+               "_add_dataset_to_experiments_handler _remove_dataset_from_experiments_handler",
+    "review_queue": "_update_review_queue _delete_review_queue _add_items_to_review_queue "
+                    "_remove_items_from_review_queue _set_review_queue_item_status",
+    "label_schema": "_update_label_schema _delete_label_schema",
+    "issue": "_update_issue",
+    "prompt_job": "_cancel_prompt_optimization_job _delete_prompt_optimization_job",
+    # configuration and jobs of an experiment, named by its id in the body
+    "experiment": "_register_scorer _delete_scorer _invoke_scorer_handler "
+                  "_invoke_genai_evaluate_handler _invoke_issue_detection_handler "
+                  "_create_label_schema _create_review_queue _get_or_create_user_queue "
+                  "_create_prompt_optimization_job",
+}
+_ITEM_FAMILY = {name: family for family, names in _ITEM_FAMILIES.items()
+                for name in names.split()}
+# Creating one of these in a private experiment takes EDIT on it (READ only shows it).
+_CREATES_IN_EXPERIMENT = frozenset({
+    "_create_run", "serve_create_promptlab_run", "_start_trace_v3", "_deprecated_start_trace_v2",
+    "_create_logged_model", "_create_issue", "_create_dataset_handler",
+    "_add_dataset_to_experiments_handler"})
 _RUN = (
     "_update_run _delete_run _restore_run _log_metric _log_param _set_tag _delete_tag _log_batch "
     "_log_model _log_inputs _log_outputs _link_traces_to_run _create_presigned_upload_url "
@@ -176,10 +198,11 @@ WRITE_KINDS: dict[str, str] = {
     **dict.fromkeys(_MODEL.split(), "model"),
     **dict.fromkeys(_LOGGED_MODEL.split(), "logged_model"),
     **dict.fromkeys(_ARTIFACT.split(), "artifact"),
+    **dict.fromkeys(_ITEM_FAMILY, "item"),
     **dict.fromkeys(_ADMIN.split(), "admin"),
 }
 # Writes whose JSON body the access layer reads (owner ids, stamped fields).
-_BODY_KINDS = frozenset({"run", "experiment", "model", "logged_model"})
+_BODY_KINDS = frozenset({"run", "experiment", "model", "logged_model", "item"})
 _STAMPED = frozenset({"_create_experiment", "_create_run", "serve_create_promptlab_run",
                       "_create_registered_model"})
 # MLflow's own author fields, taken from the request body: the server sets them instead.
@@ -191,10 +214,12 @@ _AUTHOR_FIELDS = {
                      "_update_gateway_model_definition", "_update_budget_policy"), "updated_by"),
 }
 # Traces and logged models record no author of their own: they get a trackgate.author tag.
-_AUTHOR_TAGGED = frozenset({"_start_trace_v3", "_create_logged_model"})
+_AUTHOR_TAGGED = frozenset({"_start_trace_v3", "_deprecated_start_trace_v2",
+                            "_create_logged_model", "_create_dataset_handler"})
 _NO_BODY = frozenset({"serve_upload_artifact"})  # the body is the file; ids in the query
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
+_TRACE_ID = re.compile(r"tr-[0-9a-f]{32}")
 
 
 def is_write(endpoint: str, method: str) -> bool:
@@ -263,6 +288,70 @@ class Owners:
         except Exception:
             return False, None, ""
         return True, (model.tags or {}).get(AUTHOR_TAG), str(model.experiment_id)
+
+    def trace(self, trace_id: str) -> tuple[bool, str | None, list[str]]:
+        """(exists, author, [experiment id]). Read each time: trace writes are not the hot
+        path, and an admin may correct an author tag."""
+        try:
+            info = self._tracking().get_trace_info(trace_id)
+        except Exception:
+            return False, None, []
+        return True, (info.tags or {}).get(AUTHOR_TAG), [str(info.experiment_id)]
+
+    def dataset(self, dataset_id: str) -> tuple[bool, str | None, list[str]]:
+        """(exists, created_by (stamped by the server at creation), its experiment ids)."""
+        store = self._tracking()
+        try:
+            created_by = store.get_dataset(dataset_id).created_by
+            experiment_ids = store.get_dataset_experiment_ids(dataset_id)
+        except Exception:
+            return False, None, []
+        return True, created_by or None, [str(e) for e in experiment_ids or []]
+
+    def review_queue(self, queue_id: str) -> tuple[bool, str | None, list[str]]:
+        try:
+            queue = self._tracking().get_review_queue(queue_id)
+        except Exception:
+            return False, None, []
+        return True, queue.created_by or None, [str(queue.experiment_id)]
+
+    def label_schema(self, schema_id: str) -> tuple[bool, str | None, list[str]]:
+        try:
+            schema = self._tracking().get_label_schema(schema_id)
+        except Exception:
+            return False, None, []
+        return True, None, [str(schema.experiment_id)]
+
+    def issue(self, issue_id: str) -> tuple[bool, str | None, list[str]]:
+        try:
+            issue = self._tracking().get_issue(issue_id)
+        except Exception:
+            return False, None, []
+        return True, issue.created_by or None, [str(issue.experiment_id)]
+
+    def prompt_job(self, job_id: str) -> tuple[bool, str | None, list[str]]:
+        """A prompt-optimization job's experiment, from the parameters MLflow stored."""
+        try:
+            from mlflow.server.handlers import _get_job_store
+
+            params = json.loads(_get_job_store().get_job(job_id).params or "{}")
+        except Exception:
+            return False, None, []
+        experiment_id = params.get("experiment_id") if isinstance(params, dict) else None
+        # a job that names no experiment is nobody's: only admins
+        return True, None, [str(experiment_id)] if experiment_id else []
+
+    def model_version(self, name: str, version: str | None = None,
+                      alias: str | None = None) -> dict[str, Any] | None:
+        """The run_id and source of a registered model's version (or alias), or None."""
+        try:
+            store = self._registry()
+            found = (store.get_model_version(name, version) if version is not None
+                     else store.get_model_version_by_alias(name, alias))
+        except Exception:
+            return None
+        return {"version": str(found.version), "run_id": found.run_id or "",
+                "source": found.source or ""}
 
     def model(self, name: str) -> tuple[bool, dict[str, str]]:
         try:
@@ -336,6 +425,18 @@ def _strings(body: Any, *names: str) -> list[str]:
     return list(dict.fromkeys(str(v) for v in values if v not in (None, "")))
 
 
+def _list_strings(body: Any, name: str) -> list[str]:
+    """The string items of a list field, under either spelling of NAME."""
+    if not isinstance(body, dict):
+        return []
+    found: list[str] = []
+    for key in _spellings((name,)):
+        values = body.get(key)
+        if isinstance(values, list):
+            found += [str(v) for v in values if v not in (None, "")]
+    return list(dict.fromkeys(found))
+
+
 def _tags(body: dict[str, Any]) -> list[Any]:
     tags = body.get("tags")
     return tags if isinstance(tags, list) else []
@@ -352,6 +453,33 @@ _RUN_TOKEN = re.compile(r"(?<![0-9a-f-])[0-9a-f]{32}(?![0-9a-f])")
 _TRACE_TOKEN = re.compile(r"tr-[0-9a-f]{32}")
 _MODEL_TOKEN = re.compile(r"m-[0-9a-f]{32}")
 _EXPERIMENT_SEARCHES = frozenset({"_search_experiments"})
+_DATASET_SEARCHES = frozenset({"_search_evaluation_datasets_handler"})
+# Ids of things that live in an experiment, as requests name them (path, query or body), and the
+# Owners method that finds their experiments: a private experiment's datasets, review queues,
+# label schemas, issues and jobs are as private as it is.
+_ITEM_IDS = {"dataset_id": "dataset", "queue_id": "review_queue", "schema_id": "label_schema",
+             "issue_id": "issue", "job_id": "prompt_job"}
+
+
+def _without_experiments(answer: Any, hidden: frozenset[str]) -> Any:
+    answer["experiments"] = [e for e in answer.get("experiments", [])
+                             if str(e.get("experiment_id")) not in hidden]
+    return answer
+# Registry requests that name one model version (by name and version, or alias): refused if it
+# was made from a run of a private experiment the user may not read.
+_VERSION_NAMED = frozenset({
+    "_get_model_version", "_get_model_version_download_uri", "serve_model_version_artifact",
+    "_get_model_version_by_alias", "_update_model_version", "_delete_model_version",
+    "_transition_stage", "_set_model_version_tag", "_delete_model_version_tag",
+    "_set_registered_model_alias", "_delete_registered_model_alias"})
+# ... and answers that list model versions leave those versions out.
+_VERSION_LISTS = frozenset({"_search_model_versions", "_get_latest_versions",
+                            "_search_registered_models", "_get_registered_model"})
+
+
+def _is_version(node: Any) -> bool:
+    return isinstance(node, dict) and "version" in node and any(
+        k in node for k in ("run_id", "runId", "source"))
 
 
 class PrivateExperiments:
@@ -467,8 +595,9 @@ class Access:
             return policy.app(environ, start_response)  # the read fast path
         user, role = _identity(environ)
         hidden = self.private.hidden_from(user, role, self._groups_of(environ, user))
-        # READ on a private experiment is not enough to add runs to it: EDIT is.
-        creates = endpoint == "_create_run" and role != ADMIN and bool(self.private.all())
+        # READ on a private experiment is not enough to add runs (traces...) to it: EDIT is.
+        creates = endpoint in _CREATES_IN_EXPERIMENT and role != ADMIN and \
+            bool(self.private.all())
         # Writes to runs and their artifacts are already the owner's or an EDIT grantee's:
         # the log calls of the hot path are not scanned.
         scanned = not write or WRITE_KINDS.get(endpoint) not in ("run", "artifact")
@@ -545,7 +674,7 @@ class Access:
             except PolicyViolation:
                 body = None  # not JSON (an upload): ids come from the path and query
         named = self._named_experiments(endpoint, view_args, environ, body)
-        if endpoint == "_create_run" and named:
+        if endpoint in _CREATES_IN_EXPERIMENT and named:
             for experiment_id in named:
                 tags = self.private.all().get(experiment_id)
                 if tags is not None and role != ADMIN and tags.get(OWNER_TAG) != user and \
@@ -562,9 +691,53 @@ class Access:
             return _error(start_response, exc)
         if endpoint in _EXPERIMENT_SEARCHES:
             return self._filtered_search(policy, environ, start_response, hidden)
+        if endpoint in _DATASET_SEARCHES:
+            return self._filtered_search(policy, environ, start_response, hidden,
+                                         leave_out=self._without_hidden_datasets)
+        if endpoint in _VERSION_LISTS or (endpoint == "_graphql" and isinstance(body, dict)
+                                          and "odelVersion" in str(body.get("query"))):
+            # model versions made from runs of these experiments are left out of the answer
+            def then(environ: dict[str, Any], start_response: StartResponse) -> Any:
+                return self.handle_checked(policy, endpoint, view_args, rule, environ,
+                                           start_response)
+
+            return self._filtered_search(policy, environ, start_response, hidden, then,
+                                         self._without_hidden_versions)
         if not write and rule is None:
             return policy.app(environ, start_response)
         return self.handle_checked(policy, endpoint, view_args, rule, environ, start_response)
+
+    def _version_experiments(self, version: dict[str, Any]) -> set[str]:
+        """The experiments a model version was made from: its run, or the run or logged model
+        its source names."""
+        text = " ".join(str(version.get(k) or "") for k in ("run_id", "runId", "source"))
+        found: set[str] = set()
+        for run_id in set(_RUN_TOKEN.findall(text)):
+            exists, _, experiment_id = self.owners.run(run_id)
+            if exists:
+                found.add(experiment_id)
+        for model_id in set(_MODEL_TOKEN.findall(text)):
+            exists, _, experiment_id = self.owners.logged_model(model_id)
+            if exists:
+                found.add(experiment_id)
+        return found
+
+    def _without_hidden_datasets(self, answer: Any, hidden: frozenset[str]) -> Any:
+        """An evaluation-dataset search without the datasets of HIDDEN experiments."""
+        answer["datasets"] = [
+            d for d in answer.get("datasets", [])
+            if not set(self.owners.dataset(str(d.get("dataset_id")))[2]) & hidden]
+        return answer
+
+    def _without_hidden_versions(self, node: Any, hidden: frozenset[str]) -> Any:
+        """NODE (a JSON answer) without the model versions made in a HIDDEN experiment."""
+        if isinstance(node, list):
+            return [self._without_hidden_versions(item, hidden) for item in node
+                    if not (_is_version(item) and self._version_experiments(item) & hidden)]
+        if isinstance(node, dict):
+            return {key: self._without_hidden_versions(value, hidden)
+                    for key, value in node.items()}
+        return node
 
     def _named_experiments(
         self, endpoint: str, view_args: dict[str, Any], environ: dict[str, Any], body: Any
@@ -600,19 +773,42 @@ class Access:
             exists, _, experiment_id = self.owners.logged_model(model_id)
             if exists:
                 named.add(experiment_id)
+        params = parse_qs(environ.get("QUERY_STRING", ""))
+        for key, family in _ITEM_IDS.items():
+            idents = params.get(key, []) + _strings(body, key)
+            if key in view_args:
+                idents.append(str(view_args[key]))
+            for ident in dict.fromkeys(idents):
+                exists, _, experiment_ids = getattr(self.owners, family)(ident)
+                if exists:
+                    named.update(experiment_ids)
+        if endpoint in _VERSION_NAMED:
+            # a model version made from a run of a private experiment is as private as the run
+            params = parse_qs(environ.get("QUERY_STRING", ""))
+            names = params.get("name", []) + _strings(body, "name")
+            versions = params.get("version", []) + _strings(body, "version")
+            aliases = params.get("alias", []) + _strings(body, "alias")
+            for name in names:
+                found = [self.owners.model_version(name, version=v) for v in versions]
+                found += [self.owners.model_version(name, alias=a) for a in aliases]
+                for version in filter(None, found):
+                    named |= self._version_experiments(version)
         return named
 
     def _filtered_search(
         self, policy: Policy, environ: dict[str, Any], start_response: StartResponse,
-        hidden: frozenset[str],
+        hidden: frozenset[str], app: Callable[..., Any] | None = None,
+        leave_out: Callable[[Any, frozenset[str]], Any] | None = None,
     ) -> Iterable[bytes]:
+        """APP's JSON answer, passed through LEAVE_OUT (default: without the HIDDEN
+        experiments). An answer that cannot be read is not sent."""
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
             captured["status"], captured["headers"] = status, headers
             return lambda data: None  # WSGI write(): MLflow (Flask) never uses it
 
-        result = policy.app(environ, capture)
+        result = (app or policy.app)(environ, capture)
         try:
             data = b"".join(result)
         finally:
@@ -621,13 +817,13 @@ class Access:
                 close()
         headers = captured.get("headers", [])
         if captured.get("status", "").startswith("200"):
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
+            try:
                 answer = json.loads(data)
-                answer["experiments"] = [
-                    e for e in answer.get("experiments", [])
-                    if str(e.get("experiment_id")) not in hidden
-                ]
-                data = json.dumps(answer).encode()
+                data = json.dumps((leave_out or _without_experiments)(answer, hidden)).encode()
+            except (ValueError, AttributeError, TypeError):
+                return _error(start_response, PolicyViolation(
+                    "the answer could not be checked for private experiments",
+                    "500 Internal Server Error", "INTERNAL_ERROR"))
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(captured.get("status", "500 Internal Server Error"),
                        [*headers, ("Content-Length", str(len(data)))])
@@ -658,12 +854,23 @@ class Access:
         for owned in self._owned(call, kind):
             if owned.owner == call.user:
                 continue
-            needed = "EDIT" if kind in ("run", "artifact", "logged_model") \
+            needed = "EDIT" if kind in ("run", "artifact", "logged_model", "item") \
                 or call.endpoint in _MODEL_EDITS else "MANAGE"
-            if granted(owned.grants(), call.user,
+            tags = owned.grants()
+            if tags.get(OWNER_TAG) == call.user:
+                continue  # the owner of the experiment (or model) it lives in
+            if granted(tags, call.user,
                        self._groups_of(call.environ, call.user)) >= LEVELS[needed]:
                 continue
-            whose = f"its owner {owned.owner!r}" if owned.owner else "its owner (none recorded)"
+            if owned.granted_on == "no experiment":
+                whose = f"its author {owned.owner!r}" if owned.owner else \
+                    "its author (none recorded)"
+            elif owned.granted_on == "it":
+                whose = f"its owner {owned.owner!r}" if owned.owner else \
+                    "its owner (none recorded)"
+            else:
+                whose = (f"its author {owned.owner!r}" if owned.owner else
+                         "its author (none recorded)") + f", the owner of {owned.granted_on}"
             raise _forbidden(
                 f"user {call.user!r} (role 'editor') may not {action} on {owned.what} "
                 f"{owned.ident!r}: only {whose}, a user granted {needed} on {owned.granted_on} "
@@ -672,7 +879,35 @@ class Access:
             )
 
     def _owned(self, call: Call, kind: str) -> Iterable[_Owned]:
-        """The existing runs, experiments or models CALL writes to (others: MLflow says 404)."""
+        """The existing runs, experiments, models or items CALL writes to (others: MLflow says
+        404)."""
+        found = False
+        for owned in self._owned_directly(call, kind):
+            found = True
+            yield owned
+        if kind == "artifact" and not found:
+            yield from self._artifact_elsewhere(call)
+
+    def _artifact_elsewhere(self, call: Call) -> Iterable[_Owned]:
+        """An artifact path that names no run or logged model: a trace's files
+        (EXPERIMENT/traces/TRACE_ID/...) follow the trace, anything else under an experiment's
+        directory (EXPERIMENT/...) follows the experiment."""
+        segments = str(call.view_args.get("artifact_path", "")).strip("/").split("/")
+        found = False
+        for segment in dict.fromkeys(segments):
+            if _TRACE_ID.fullmatch(segment) or _RUN_ID.fullmatch(segment):
+                exists, author, experiment_ids = self.owners.trace(segment)
+                for experiment_id in experiment_ids if exists else []:
+                    found = True
+                    yield _Owned("trace", segment, author, self._experiment_tags(experiment_id),
+                                 f"its experiment {experiment_id}")
+        if not found and segments[0].isdigit():
+            exists, tags = self.owners.experiment(segments[0])
+            if exists:
+                yield _Owned("experiment", segments[0], tags.get(OWNER_TAG),
+                             lambda tags=tags: tags, "it")
+
+    def _owned_directly(self, call: Call, kind: str) -> Iterable[_Owned]:
         body = call.body
         if kind in ("artifact", "logged_model"):
             if kind == "artifact":
@@ -700,6 +935,15 @@ class Access:
                 if exists:
                     yield _Owned("run", run_id, owner, self._experiment_tags(experiment_id),
                                  f"its experiment {experiment_id}")
+        if call.endpoint == "_link_traces_to_run":
+            # linking traces to one's run changes those traces too
+            for trace_id in _list_strings(body, "trace_ids"):
+                exists, author, experiment_ids = self.owners.trace(trace_id)
+                for experiment_id in experiment_ids if exists else []:
+                    yield _Owned("trace", trace_id, author, self._experiment_tags(experiment_id),
+                                 f"its experiment {experiment_id}")
+        if kind == "item":
+            yield from self._items(call)
         elif kind == "experiment":
             for experiment_id in _strings(body, "experiment_id"):
                 exists, tags = self.owners.experiment(experiment_id)
@@ -712,6 +956,42 @@ class Access:
                 if exists:
                     yield _Owned("registered model", name, tags.get(OWNER_TAG),
                                  lambda tags=tags: tags, "it")
+
+    def _items(self, call: Call) -> Iterable[_Owned]:
+        """The item an `item` write touches, once per experiment it lives in (all must allow
+        the write, unless the user is its author). Items that do not exist: MLflow says 404."""
+        family = _ITEM_FAMILY[call.endpoint]
+        body, args = call.body, call.view_args
+        if family == "experiment":
+            for experiment_id in _strings(body, "experiment_id"):
+                exists, tags = self.owners.experiment(experiment_id)
+                if exists:
+                    yield _Owned("experiment", experiment_id, tags.get(OWNER_TAG),
+                                 lambda tags=tags: tags, "it")
+            return
+        if family == "trace":
+            what, ids = "trace", [str(args[k]) for k in ("trace_id", "request_id") if k in args]
+            ids = ids or _strings(body, "trace_id")
+        elif family == "dataset":
+            what, ids = "dataset", [str(args.get("dataset_id", ""))]
+        elif family == "review_queue":
+            what, ids = "review queue", _strings(body, "queue_id")
+        elif family == "label_schema":
+            what, ids = "label schema", _strings(body, "schema_id")
+        elif family == "issue":
+            what, ids = "issue", [str(args.get("issue_id", ""))]
+        else:
+            what, ids = "prompt optimization job", [str(args.get("job_id", ""))]
+        lookup = getattr(self.owners, family)
+        for ident in ids:
+            exists, author, experiment_ids = lookup(ident)
+            if not exists:
+                continue
+            if not experiment_ids:  # in no experiment: its author (or an admin) only
+                yield _Owned(what, ident, author, dict, "no experiment")
+            for experiment_id in experiment_ids:
+                yield _Owned(what, ident, author, self._experiment_tags(experiment_id),
+                             f"its experiment {experiment_id}")
 
     def _experiment_tags(self, experiment_id: str) -> Callable[[], dict[str, str]]:
         """Read lazily: only a write to someone else's run needs the experiment's grants."""
@@ -734,7 +1014,14 @@ class Access:
             "_set_model_version_tag": AUTHOR_TAG,
             "_delete_model_version_tag": AUTHOR_TAG,
             "_set_logged_model_tags": AUTHOR_TAG,
+            "_set_trace_tag": AUTHOR_TAG,
+            "_set_trace_tag_v3": AUTHOR_TAG,
+            "_delete_trace_tag": AUTHOR_TAG,
+            "_delete_trace_tag_v3": AUTHOR_TAG,
+            "_deprecated_end_trace_v2": AUTHOR_TAG,
         }.get(endpoint)
+        if endpoint == "_deprecated_end_trace_v2":
+            keys |= {str(t.get("key")) for t in _tags(body) if isinstance(t, dict)}
         if endpoint == "_set_logged_model_tags":
             keys |= {str(t.get("key")) for t in _tags(body) if isinstance(t, dict)}
         elif endpoint == "_delete_logged_model_tag":
@@ -789,9 +1076,40 @@ class Access:
             head, _, tail = field.partition("_")
             body.pop(head + tail.capitalize(), None)
             body[field] = user
-        elif endpoint == "_create_logged_model":
+        elif endpoint in ("_create_logged_model", "_deprecated_start_trace_v2"):
             body["tags"] = [*_without_keys(_tags(body), AUTHOR_TAG),
                             {"key": AUTHOR_TAG, "value": user}]
+        elif endpoint == "_create_dataset_handler":
+            # MLflow takes a dataset's created_by from its mlflow.user tag (a JSON string)
+            try:
+                tags = json.loads(body.get("tags") or "{}")
+            except (TypeError, ValueError):
+                return  # MLflow refuses it
+            if not isinstance(tags, dict):
+                return
+            body["tags"] = json.dumps({**tags, USER_TAG: user})
+        elif endpoint == "_upsert_dataset_records_handler":
+            # ... a record's created_by (and the dataset's last_updated_by) from the record's
+            # own mlflow.user tag
+            try:
+                records = json.loads(body.get("records") or "[]")
+            except (TypeError, ValueError):
+                return
+            if not isinstance(records, list):
+                return
+            body["records"] = json.dumps([
+                {**r, "tags": {**(r.get("tags") if isinstance(r.get("tags"), dict) else {}),
+                               USER_TAG: user}} if isinstance(r, dict) else r
+                for r in records])
+        elif endpoint == "_create_assessment":
+            # a person's feedback or expectation names them as its source: the verified user
+            assessment = body.get("assessment")
+            source = assessment.get("source") if isinstance(assessment, dict) else None
+            if not isinstance(source, dict) or source.get("source_type", source.get(
+                    "sourceType")) != "HUMAN":
+                return
+            source.pop("sourceId", None)
+            source["source_id"] = user
         elif endpoint == "_start_trace_v3":
             trace = body.get("trace")
             info = (trace.get("trace_info") or trace.get("traceInfo")
