@@ -31,6 +31,12 @@ if $with_tests; then
   # PostgreSQL 15: the reliability tier backs up and restores a real cluster.
   for pkg in chromium curl util-linux postgresql; do have_pkg "$pkg" || packages+=("$pkg"); done
 fi
+# Metrics (issue 17): nginx's exporter on stub_status (optional: `trackgate up` runs it when
+# installed). The tests also run Prometheus and promtool (alert rules).
+for pkg in prometheus-nginx-exporter; do have_pkg "$pkg" || packages+=("$pkg"); done
+if $with_tests; then
+  for pkg in prometheus; do have_pkg "$pkg" || packages+=("$pkg"); done
+fi
 # nginx from another source (e.g. nginx.org's package) is fine too.
 if command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]]; then
   packages=("${packages[@]/nginx-light}")

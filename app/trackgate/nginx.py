@@ -55,6 +55,10 @@ class NginxContext:
     trusted_proxies: list[str]
     public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
+    # The metrics listener and where nginx sends its per-request metrics lines (issue 17).
+    metrics: bool = False
+    metrics_listen: str = ""
+    metrics_log: str = ""
     # Standalone main file only.
     pid_file: str = ""
     error_log: str = "/dev/stderr"
@@ -90,6 +94,9 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         trusted_proxies=settings.trusted_proxies,
         public_origins=settings.public_origins,
         extra_includes=[f"{settings.serving_dir}/*.conf"],
+        metrics=settings.metrics,
+        metrics_listen=_host_port(settings.metrics_address, settings.metrics_port),
+        metrics_log=settings.metrics_log_address,
     )
     if standalone:
         cert, key = settings.served_cert_files
@@ -101,6 +108,10 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
             ctx.error_log = str(logs / "nginx-error.log")
             ctx.access_log = str(logs / "nginx-access.log")
     return ctx
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _environment() -> jinja2.Environment:

@@ -194,6 +194,30 @@ class Settings(BaseSettings):
     log_keep: int = Field(
         default=5, ge=1, description="Rotated copies kept of each log (name.1 is the newest)."
     )
+    metrics: bool = Field(
+        default=True,
+        description="Prometheus metrics of every component on the metrics listener (issue 17).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Address of the metrics listener (nginx, apart from the public one): loopback, or a "
+            "private address only the monitoring host reaches."
+        ),
+    )
+    metrics_port: int = Field(
+        default=9180, description="Port of the metrics listener (/metrics/tracking, /gateway)."
+    )
+    nginx_exporter_port: int = Field(
+        # Not the exporter's usual 9113: Debian's own prometheus-nginx-exporter unit takes it.
+        default=9181,
+        description="Port of prometheus-nginx-exporter (on metrics_address), if it is installed.",
+    )
+    backup_max_age: int = Field(
+        default=2 * 86400,
+        ge=60,
+        description="Seconds after the last backup when the 'backup too old' alert fires.",
+    )
 
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
@@ -222,7 +246,10 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("http_port", "https_port", "tracking_port", "gateway_port")
+    @field_validator(
+        "http_port", "https_port", "tracking_port", "gateway_port", "metrics_port",
+        "nginx_exporter_port",
+    )
     @classmethod
     def _valid_port(cls, value: int) -> int:
         if not 1 <= value <= 65535:
@@ -402,6 +429,7 @@ class Settings(BaseSettings):
             "backups_dir": self.backups_dir,
             "log_dir": self.logs,
             "sqlite_path": self.sqlite_path,
+            "backup_status_file": self.backup_status_file,
         }
         return {
             "public_url": self.public_url,
@@ -422,6 +450,7 @@ class Settings(BaseSettings):
                 "/healthz",
                 "public": f"{self.public_url}/health",
             },
+            "metrics_urls": self.metrics_urls,
             "database_uri": _redact(self.database_uri),
             "artifacts_uri": self.artifacts_uri,
             "uses_local_ca": self.uses_local_ca,
@@ -429,6 +458,33 @@ class Settings(BaseSettings):
             "settings": {
                 k: v for k, v in self.to_env().items() if k != ENV_PREFIX + "BACKEND_STORE_URI"
             },
+        }
+
+    @property
+    def backup_status_file(self) -> Path:
+        """When the last backup finished and how big it was (written by `trackgate backup`,
+        read by the gateway's metrics)."""
+        return self.data_dir / "last-backup.json"
+
+    @property
+    def metrics_log_address(self) -> str:
+        """Where nginx sends one syslog line per request for the gateway's HTTP metrics:
+        a Unix datagram socket beside the others, or UDP on the gateway's port (tcp)."""
+        if self.internal_transport == "unix":
+            return f"unix:{self.sockets / 'metrics-log.sock'}"
+        return self.gateway_address  # UDP to the same host:port as the gateway's TCP
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """What Prometheus scrapes on this host (empty when metrics are off)."""
+        if not self.metrics:
+            return {}
+        host = f"[{self.metrics_address}]" if ":" in self.metrics_address else self.metrics_address
+        base = f"http://{host}:{self.metrics_port}"
+        return {
+            "tracking": f"{base}/metrics/tracking",
+            "gateway": f"{base}/metrics/gateway",
+            "nginx": f"http://{host}:{self.nginx_exporter_port}/metrics",
         }
 
     def _unix(self, server: str) -> bool:

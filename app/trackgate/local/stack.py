@@ -19,6 +19,7 @@ from .. import database, nginx, processes
 from ..processes import port_in_use
 from ..provision import prepare
 from ..settings import Settings
+from . import supervisor
 from .probe import health, https_get
 from .supervisor import state_file
 
@@ -122,6 +123,11 @@ def _check_ports(settings: Settings) -> None:
             (settings.internal_host, settings.tracking_port, "TRACKGATE_TRACKING_PORT"),
             (settings.internal_host, settings.gateway_port, "TRACKGATE_GATEWAY_PORT"),
         ]
+    if settings.metrics:
+        checks.append((settings.metrics_address, settings.metrics_port, "TRACKGATE_METRICS_PORT"))
+        if supervisor.nginx_exporter_binary():
+            checks.append((settings.metrics_address, settings.nginx_exporter_port,
+                           "TRACKGATE_NGINX_EXPORTER_PORT"))
     seen: dict[tuple[str, int], str] = {}
     for host, port, how in checks:
         if (host, port) in seen:

@@ -47,11 +47,22 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     settings = settings or Settings()
     access = Access(AuditLog(audit_path(settings)))
     access.install(app)
-    return Policy(app, artifact_root=root, access=access)
+    policy = Policy(app, artifact_root=root, access=access)
+    if not settings.metrics:
+        return policy
+    from .metrics import HideMetricsFromUsers
+
+    return HideMetricsFromUsers(policy)
 
 
 def run(settings: Settings) -> None:
     """Prepare the database and artifact store, then serve `mlflow.server:app`."""
+    from . import metrics
+
+    if settings.metrics:
+        # MLflow's exporter (prometheus-flask-exporter), multiprocess across the workers: the
+        # directory must be named before mlflow.server or prometheus-client is imported.
+        metrics.prepare_multiprocess_dir("tracking")
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
     if "://" not in settings.artifacts_uri:
@@ -63,4 +74,7 @@ def run(settings: Settings) -> None:
         passphrase = ensure_kek_passphrase(settings)
         if passphrase:
             os.environ[KEK_PASSPHRASE_ENV] = passphrase
-    GunicornApp(lambda: _load_mlflow(settings), tracking_options(settings)).run()
+    try:
+        GunicornApp(lambda: _load_mlflow(settings), tracking_options(settings)).run()
+    finally:
+        metrics.remove_multiprocess_dir()
