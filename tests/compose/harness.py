@@ -36,7 +36,7 @@ class ComposeError(RuntimeError):
 def docker_env() -> dict[str, str]:
     """The environment minus anything that would configure compose or trackgate behind our back."""
     return {k: v for k, v in clean_env().items()
-            if not k.startswith(("COMPOSE_", "DOCKER_DEFAULT_PLATFORM"))}
+            if not k.startswith(("COMPOSE_", "DOCKER_DEFAULT_PLATFORM", "TRACKGATE_"))}
 
 
 def docker(*args: str, timeout: float = 60) -> str:
@@ -130,7 +130,8 @@ def image_tags() -> dict[str, str]:
     tag = os.environ.get("TRACKGATE_TEST_IMAGE_TAG", "local")
     return {"TRACKGATE_IMAGE": f"trackgate/app:{tag}",
             "TRACKGATE_NGINX_IMAGE": f"trackgate/nginx:{tag}",
-            "TRACKGATE_POSTGRES_IMAGE": f"trackgate/postgres:{tag}"}
+            "TRACKGATE_POSTGRES_IMAGE": f"trackgate/postgres:{tag}",
+            "TRACKGATE_PROMETHEUS_IMAGE": f"trackgate/prometheus:{tag}"}
 
 
 def write_env_file(path: Path, **settings: str) -> None:
