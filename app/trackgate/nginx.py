@@ -59,6 +59,8 @@ class NginxContext:
     metrics: bool = False
     metrics_listen: str = ""
     metrics_log: str = ""
+    # Everything under this path (TRACKGATE_BASE_PATH), "" for the root.
+    base_path: str = ""
     # Standalone main file only.
     pid_file: str = ""
     error_log: str = "/dev/stderr"
@@ -97,6 +99,7 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         metrics=settings.metrics,
         metrics_listen=_host_port(settings.metrics_address, settings.metrics_port),
         metrics_log=settings.metrics_log_address,
+        base_path=settings.base_path,
     )
     if standalone:
         cert, key = settings.served_cert_files

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -213,6 +214,20 @@ class Settings(BaseSettings):
         default=9181,
         description="Port of prometheus-nginx-exporter (on metrics_address), if it is installed.",
     )
+    base_path: str = Field(
+        default="",
+        description=(
+            "Serve everything under this path, e.g. /mlflow (an existing site proxies "
+            "/mlflow/ to trackgate); empty: at the root."
+        ),
+    )
+    public_port: int | None = Field(
+        default=None,
+        description=(
+            "HTTPS port clients use when another proxy in front publishes trackgate on another "
+            "port (the public URL and the browser origin); default https_port."
+        ),
+    )
     backup_max_age: int = Field(
         default=2 * 86400,
         ge=60,
@@ -234,6 +249,25 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+        return value
+
+    @field_validator("public_port")
+    @classmethod
+    def _valid_public_port(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 65535:
+            raise ValueError(f"{value} is not a TCP port (1-65535)")
+        return value
+
+    @field_validator("base_path")
+    @classmethod
+    def _valid_base_path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError(
+                f"{value!r} is not a base path: give one like /mlflow (letters, digits, . _ ~ -, "
+                "segments separated by /)")
+        if value and value.split("/")[1] in ("_trackgate", "api", "ajax-api", "static-files"):
+            raise ValueError(f"{value!r} would hide trackgate's or MLflow's own paths")
         return value
 
     @field_validator("hostname")
@@ -260,7 +294,8 @@ class Settings(BaseSettings):
     @property
     def public_origins(self) -> list[str]:
         """The browser origins of this server: writes from any other page are refused."""
-        port = "" if self.https_port == 443 else f":{self.https_port}"
+        public = self.public_port or self.https_port
+        port = "" if public == 443 else f":{public}"
         return [f"https://{f'[{n}]' if ':' in n else n}{port}" for n in self.server_names]
 
     @property
@@ -402,9 +437,10 @@ class Settings(BaseSettings):
 
     @property
     def public_url(self) -> str:
-        port = "" if self.https_port == 443 else f":{self.https_port}"
+        public = self.public_port or self.https_port
+        port = "" if public == 443 else f":{public}"
         host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
-        return f"https://{host}{port}"
+        return f"https://{host}{port}{self.base_path}"
 
     def layout(self) -> dict[str, Any]:
         """Every derived path, port and URL: what `trackgate config --json` prints, so that

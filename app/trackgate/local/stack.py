@@ -323,7 +323,7 @@ def _public_health(settings: Settings) -> str | None:
         answer = https_get(
             settings.hostname,
             settings.https_port,
-            "/health",
+            f"{settings.base_path}/health",
             ca_file=_trust_file(settings),
             verify=settings.uses_local_ca,
             timeout=5,
