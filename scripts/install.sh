@@ -49,6 +49,16 @@ if ((${#packages[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  # `trackgate up` runs the exporter itself (on its metrics listener): the units of packages
+  # installed just now would start with no target and keep failing (prometheus: a server on
+  # port 9090 nobody asked for). Units of packages that were already here are left alone.
+  if [[ -d /run/systemd/system ]]; then
+    for unit in prometheus-nginx-exporter prometheus; do
+      if [[ " ${packages[*]} " == *" $unit "* ]]; then
+        $sudo systemctl disable --now --quiet "$unit" || true
+      fi
+    done
+  fi
 fi
 
 # Debian's python3 makes a venv that any user can run (a pyenv under /root would not be).
