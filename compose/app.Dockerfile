@@ -17,15 +17,17 @@ COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=build_ca \
     if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
- && mkdir -p app/trackgate nginx && touch README.md app/trackgate/__init__.py nginx/.stub \
+ && mkdir -p app/trackgate nginx monitoring \
+ && touch README.md app/trackgate/__init__.py nginx/.stub monitoring/.stub \
  && /opt/trackgate/bin/pip install --disable-pip-version-check '.[postgres,s3]' \
- && rm -rf README.md app nginx \
+ && rm -rf README.md app nginx monitoring \
  # The server never plots or trains: drop mlflow's client-side ML/plotting stack (~290 MB).
  && /opt/trackgate/bin/pip uninstall -y --disable-pip-version-check scikit-learn scipy \
       matplotlib fonttools kiwisolver contourpy cycler pillow joblib threadpoolctl
 COPY README.md ./
 COPY app ./app
 COPY nginx ./nginx
+COPY monitoring ./monitoring
 RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
     --mount=type=secret,id=build_ca \
     if [ -s /run/secrets/build_ca ]; then export PIP_CERT=/run/secrets/build_ca; fi \
@@ -47,7 +49,9 @@ RUN groupadd --gid "${UID}" trackgate \
       /var/lib/trackgate/artifacts /var/lib/trackgate/tls /var/lib/trackgate/users \
       /var/lib/trackgate/run \
  # The CA key's own volume (see compose.yaml) takes this directory's owner and mode.
- && install -d -o trackgate -g trackgate -m 0700 /var/lib/trackgate/tls/ca-key
+ && install -d -o trackgate -g trackgate -m 0700 /var/lib/trackgate/tls/ca-key \
+ # The Prometheus config the profile "monitoring" renders (its volume takes this owner).
+ && install -d -o trackgate -g trackgate -m 0755 /etc/trackgate-prometheus
 COPY --from=build /opt/trackgate /opt/trackgate
 ENV PATH=/opt/trackgate/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

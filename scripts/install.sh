@@ -31,6 +31,12 @@ if $with_tests; then
   # PostgreSQL 15: the reliability tier backs up and restores a real cluster.
   for pkg in chromium curl util-linux postgresql; do have_pkg "$pkg" || packages+=("$pkg"); done
 fi
+# Metrics (issue 17): nginx's exporter on stub_status (optional: `trackgate up` runs it when
+# installed). The tests also run Prometheus and promtool (alert rules).
+for pkg in prometheus-nginx-exporter; do have_pkg "$pkg" || packages+=("$pkg"); done
+if $with_tests; then
+  for pkg in prometheus; do have_pkg "$pkg" || packages+=("$pkg"); done
+fi
 # nginx from another source (e.g. nginx.org's package) is fine too.
 if command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]]; then
   packages=("${packages[@]/nginx-light}")
@@ -43,6 +49,16 @@ if ((${#packages[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  # `trackgate up` runs the exporter itself (on its metrics listener): the units of packages
+  # installed just now would start with no target and keep failing (prometheus: a server on
+  # port 9090 nobody asked for). Units of packages that were already here are left alone.
+  if [[ -d /run/systemd/system ]]; then
+    for unit in prometheus-nginx-exporter prometheus; do
+      if [[ " ${packages[*]} " == *" $unit "* ]]; then
+        $sudo systemctl disable --now --quiet "$unit" || true
+      fi
+    done
+  fi
 fi
 
 # Debian's python3 makes a venv that any user can run (a pyenv under /root would not be).

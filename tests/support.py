@@ -117,6 +117,8 @@ def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         "https_port": free_port(),
         "tracking_port": free_port(),
         "gateway_port": free_port(),
+        "metrics_port": free_port(),
+        "nginx_exporter_port": free_port(),
         "listen_address": "127.0.0.1",
     }
     values.update(overrides)
@@ -156,6 +158,10 @@ AMBIENT_PREFIXES = ("MLFLOW_", "TRACKGATE_", "TRACKING_")
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment minus any MLflow/trackgate settings of the developer's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(AMBIENT_PREFIXES)}
+    # Stacks started through the CLI get metrics listeners of their own (the default ports
+    # are one per host, and tests run several stacks at once).
+    env["TRACKGATE_METRICS_PORT"] = str(free_port())
+    env["TRACKGATE_NGINX_EXPORTER_PORT"] = str(free_port())
     env.update(extra)
     return env
 

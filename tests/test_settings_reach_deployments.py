@@ -31,6 +31,7 @@ VALUES = {name: str(20000 + i) for i, name in enumerate(sorted(Settings.model_fi
 # What compose.yaml decides itself: where things live in the containers (its volumes), and how
 # the containers reach each other. The PostgreSQL file adds the database of its own container.
 COMPOSE_FIXED = {"data_dir", "htpasswd_path", "nginx_run_dir", "log_dir", "internal_transport",
+                 "metrics_address",
                  "internal_host", "tracking_upstream", "gateway_upstream"}
 # What the role decides itself (trackgate_data_dir, the journal, Unix sockets in systemd's
 # runtime dir, serve-model's root-owned locations, your certificate's copy, the PostgreSQL

@@ -544,9 +544,13 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
         tmp.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     others = sum(1 for m in members.values() if m["role"] == "data")
+    size = output.stat().st_size
+    from .server.metrics import write_backup_status
+
+    write_backup_status(settings, size)  # the backup-age metric and its alert
     return BackupResult(
         path=output,
-        size=output.stat().st_size,
+        size=size,
         seconds=time.monotonic() - started,
         database_bytes=members[db_member]["size"],
         artifact_files=manifest["artifacts"]["files"],

@@ -603,6 +603,52 @@ def config_cmd(as_json: bool, **values: Any) -> None:
             click.echo(f"{name + ':':20} {path}")
 
 
+@cli.group()
+def monitoring() -> None:
+    """Prometheus for trackgate: scrape config and alert rules (see README, Monitoring)."""
+
+
+@monitoring.command("render")
+@click.option("--out-dir", type=click.Path(path_type=Path), required=True,
+              help="Where prometheus.yml and trackgate-alerts.yml are written.")
+@click.option("--url", "urls", multiple=True, metavar="COMPONENT=URL",
+              help="Scrape this URL for tracking, gateway or nginx instead of the one "
+              "`config --json` lists (e.g. a container's name); repeatable.")
+@click.option("--scrape-interval", default="15s", show_default=True)
+@click.option("--evaluation-interval", default="15s", show_default=True)
+@click.option("--down-for", default="2m", show_default=True,
+              help="How long a component is down before TrackgateDown fires.")
+@setting_options(*STACK_OPTIONS)
+@_guard
+def monitoring_render(out_dir: Path, urls: tuple[str, ...], scrape_interval: str,
+                      evaluation_interval: str, down_for: str, **values: Any) -> None:
+    """Write a Prometheus config scraping this host's metrics URLs, and the alert rules."""
+    from . import prometheus
+
+    settings = _settings(values)
+    if not settings.metrics:
+        _fail("metrics are off (TRACKGATE_METRICS=false): nothing to scrape")
+    found = dict(settings.metrics_urls)
+    for item in urls:
+        component, sep, url = item.partition("=")
+        if not sep or component not in prometheus.COMPONENTS:
+            _fail(f"--url {item!r}: give COMPONENT=URL, COMPONENT one of "
+                  f"{', '.join(prometheus.COMPONENTS)}")
+        found[component] = url
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rules = out_dir / "trackgate-alerts.yml"
+    try:
+        config = prometheus.render_config(
+            [{"name": settings.hostname, "metrics_urls": found}], str(rules.resolve()),
+            scrape_interval=scrape_interval, evaluation_interval=evaluation_interval)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    rules.write_text(prometheus.render_rules(down_for=down_for))
+    (out_dir / "prometheus.yml").write_text(config)
+    click.echo(f"wrote {out_dir / 'prometheus.yml'} and {rules}")
+
+
 @cli.command("probe")
 @click.argument("component", type=click.Choice(["tracking", "gateway"]))
 @click.option("--timeout", type=float, default=4.0, show_default=True, help="Seconds to wait.")

@@ -58,6 +58,12 @@ class NginxContext:
     extra_includes: list[str] = field(default_factory=list)
     proxy_secret: str = ""  # sent to the tracking servers only (see server/proxyauth.py)
     artifact_files_dir: str = ""  # nginx sends downloads from here (server/downloads.py)
+    # The metrics listener and where nginx sends its per-request metrics lines (issue 17).
+    metrics: bool = False
+    metrics_listen: str = ""
+    metrics_log: str = ""
+    # Everything under this path (TRACKGATE_BASE_PATH), "" for the root.
+    base_path: str = ""
     # Standalone main file only.
     pid_file: str = ""
     error_log: str = "/dev/stderr"
@@ -102,6 +108,10 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         public_origins=settings.public_origins,
         extra_includes=[f"{settings.serving_dir}/*.conf"],
         artifact_files_dir=settings.nginx_artifact_root or "",
+        metrics=settings.metrics,
+        metrics_listen=_host_port(settings.metrics_address, settings.metrics_port),
+        metrics_log=settings.metrics_log_address,
+        base_path=settings.base_path,
     )
     if settings.proxy_secret_file is not None:
         from .server.proxyauth import read_secret
@@ -117,6 +127,10 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
             ctx.error_log = str(logs / "nginx-error.log")
             ctx.access_log = str(logs / "nginx-access.log")
     return ctx
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _environment() -> jinja2.Environment:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -236,6 +237,44 @@ class Settings(BaseSettings):
     log_keep: int = Field(
         default=5, ge=1, description="Rotated copies kept of each log (name.1 is the newest)."
     )
+    metrics: bool = Field(
+        default=True,
+        description="Prometheus metrics of every component on the metrics listener (issue 17).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Address of the metrics listener (nginx, apart from the public one): loopback, or a "
+            "private address only the monitoring host reaches."
+        ),
+    )
+    metrics_port: int = Field(
+        default=9180, description="Port of the metrics listener (/metrics/tracking, /gateway)."
+    )
+    nginx_exporter_port: int = Field(
+        # Not the exporter's usual 9113: Debian's own prometheus-nginx-exporter unit takes it.
+        default=9181,
+        description="Port of prometheus-nginx-exporter (on metrics_address), if it is installed.",
+    )
+    base_path: str = Field(
+        default="",
+        description=(
+            "Serve everything under this path, e.g. /mlflow (an existing site proxies "
+            "/mlflow/ to trackgate); empty: at the root."
+        ),
+    )
+    public_port: int | None = Field(
+        default=None,
+        description=(
+            "HTTPS port clients use when another proxy in front publishes trackgate on another "
+            "port (the public URL and the browser origin); default https_port."
+        ),
+    )
+    backup_max_age: int = Field(
+        default=2 * 86400,
+        ge=60,
+        description="Seconds after the last backup when the 'backup too old' alert fires.",
+    )
 
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
@@ -275,6 +314,25 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s)://HOST[:PORT] URL")
         return value
 
+    @field_validator("public_port")
+    @classmethod
+    def _valid_public_port(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 65535:
+            raise ValueError(f"{value} is not a TCP port (1-65535)")
+        return value
+
+    @field_validator("base_path")
+    @classmethod
+    def _valid_base_path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError(
+                f"{value!r} is not a base path: give one like /mlflow (letters, digits, . _ ~ -, "
+                "segments separated by /)")
+        if value and value.split("/")[1] in ("_trackgate", "api", "ajax-api", "static-files"):
+            raise ValueError(f"{value!r} would hide trackgate's or MLflow's own paths")
+        return value
+
     @field_validator("hostname")
     @classmethod
     def _valid_hostname(cls, value: str) -> str:
@@ -285,7 +343,10 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("http_port", "https_port", "tracking_port", "gateway_port")
+    @field_validator(
+        "http_port", "https_port", "tracking_port", "gateway_port", "metrics_port",
+        "nginx_exporter_port",
+    )
     @classmethod
     def _valid_port(cls, value: int) -> int:
         if not 1 <= value <= 65535:
@@ -296,7 +357,8 @@ class Settings(BaseSettings):
     @property
     def public_origins(self) -> list[str]:
         """The browser origins of this server: writes from any other page are refused."""
-        port = "" if self.https_port == 443 else f":{self.https_port}"
+        public = self.public_port or self.https_port
+        port = "" if public == 443 else f":{public}"
         return [f"https://{f'[{n}]' if ':' in n else n}{port}" for n in self.server_names]
 
     @property
@@ -451,9 +513,10 @@ class Settings(BaseSettings):
 
     @property
     def public_url(self) -> str:
-        port = "" if self.https_port == 443 else f":{self.https_port}"
+        public = self.public_port or self.https_port
+        port = "" if public == 443 else f":{public}"
         host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
-        return f"https://{host}{port}"
+        return f"https://{host}{port}{self.base_path}"
 
     def layout(self) -> dict[str, Any]:
         """Every derived path, port and URL: what `trackgate config --json` prints, so that
@@ -479,6 +542,7 @@ class Settings(BaseSettings):
             "backups_dir": self.backups_dir,
             "log_dir": self.logs,
             "sqlite_path": self.sqlite_path,
+            "backup_status_file": self.backup_status_file,
         }
         return {
             "public_url": self.public_url,
@@ -500,6 +564,7 @@ class Settings(BaseSettings):
                 "/healthz",
                 "public": f"{self.public_url}/health",
             },
+            "metrics_urls": self.metrics_urls,
             "database_uri": _redact(self.database_uri),
             "artifacts_uri": self.artifacts_uri,
             "uses_local_ca": self.uses_local_ca,
@@ -507,6 +572,33 @@ class Settings(BaseSettings):
             "settings": {
                 k: v for k, v in self.to_env().items() if k != ENV_PREFIX + "BACKEND_STORE_URI"
             },
+        }
+
+    @property
+    def backup_status_file(self) -> Path:
+        """When the last backup finished and how big it was (written by `trackgate backup`,
+        read by the gateway's metrics)."""
+        return self.data_dir / "last-backup.json"
+
+    @property
+    def metrics_log_address(self) -> str:
+        """Where nginx sends one syslog line per request for the gateway's HTTP metrics:
+        a Unix datagram socket beside the others, or UDP on the gateway's port (tcp)."""
+        if self.internal_transport == "unix":
+            return f"unix:{self.sockets / 'metrics-log.sock'}"
+        return self.gateway_address  # UDP to the same host:port as the gateway's TCP
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """What Prometheus scrapes on this host (empty when metrics are off)."""
+        if not self.metrics:
+            return {}
+        host = f"[{self.metrics_address}]" if ":" in self.metrics_address else self.metrics_address
+        base = f"http://{host}:{self.metrics_port}"
+        return {
+            "tracking": f"{base}/metrics/tracking",
+            "gateway": f"{base}/metrics/gateway",
+            "nginx": f"http://{host}:{self.nginx_exporter_port}/metrics",
         }
 
     def _unix(self, server: str) -> bool:

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from ..infra.ready import BASE_IMAGE, ensure_docker
+from ..support import free_port
 from .harness import VARIANT_FILES, ComposeProject, ComposeStack, start, write_env_file
+
+MONITORING = {
+    "COMPOSE_PROFILES": "monitoring",
+    "TRACKGATE_MONITORING_SCRAPE_INTERVAL": "1s",
+    "TRACKGATE_MONITORING_DOWN_FOR": "3s",
+}
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +29,8 @@ def compose_images(tmp_path_factory: pytest.TempPathFactory) -> None:
     (cached layers make a rebuild after a code change take seconds)."""
     ensure_docker()
     env_file = tmp_path_factory.mktemp("compose-build") / "build.env"
-    write_env_file(env_file, TRACKGATE_BASE_IMAGE=BASE_IMAGE)  # no registry: the local base
+    write_env_file(env_file, TRACKGATE_BASE_IMAGE=BASE_IMAGE,  # no registry: the local base
+                   COMPOSE_PROFILES="monitoring")
     project = ComposeProject("tgtest-build", VARIANT_FILES["scale"], env_file)
     started = time.monotonic()
     result = project.run("build", timeout=1800, check=False)
@@ -36,7 +44,10 @@ def stack(request: pytest.FixtureRequest, compose_images: None,
     variant: str = request.param
     failed_before = request.session.testsfailed
     started = time.monotonic()
-    running = start(variant, tmp_path_factory.mktemp(f"compose-{variant}"))
+    # The sqlite stack also runs the profile "monitoring" (Prometheus, short intervals).
+    monitoring = {**MONITORING, "TRACKGATE_PROMETHEUS_PORT": str(free_port())} \
+        if variant == "sqlite" else {}
+    running = start(variant, tmp_path_factory.mktemp(f"compose-{variant}"), **monitoring)
     print(f"\ncompose stack ({variant}) healthy in {time.monotonic() - started:.0f} s")
     try:
         yield running

@@ -37,7 +37,7 @@ class ComposeError(RuntimeError):
 def docker_env() -> dict[str, str]:
     """The environment minus anything that would configure compose or trackgate behind our back."""
     return {k: v for k, v in clean_env().items()
-            if not k.startswith(("COMPOSE_", "DOCKER_DEFAULT_PLATFORM"))}
+            if not k.startswith(("COMPOSE_", "DOCKER_DEFAULT_PLATFORM", "TRACKGATE_"))}
 
 
 def docker(*args: str, timeout: float = 60) -> str:
@@ -132,7 +132,8 @@ def image_tags() -> dict[str, str]:
     return {"TRACKGATE_IMAGE": f"trackgate/app:{tag}",
             "TRACKGATE_NGINX_IMAGE": f"trackgate/nginx:{tag}",
             "TRACKGATE_POSTGRES_IMAGE": f"trackgate/postgres:{tag}",
-            "TRACKGATE_SEAWEEDFS_IMAGE": f"trackgate/seaweedfs:{tag}"}
+            "TRACKGATE_SEAWEEDFS_IMAGE": f"trackgate/seaweedfs:{tag}",
+            "TRACKGATE_PROMETHEUS_IMAGE": f"trackgate/prometheus:{tag}"}
 
 
 def write_env_file(path: Path, **settings: str) -> None:

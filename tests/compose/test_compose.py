@@ -248,3 +248,25 @@ def test_the_documented_backup_line_archives_the_running_stack(
     assert any(name.endswith("htpasswd") for name in names), names
     # The stack kept serving: the backup container was a one-off, gone with --rm.
     assert stack.get("/health").status_code == 200
+
+
+def test_prometheus_of_the_monitoring_profile_sees_every_target_and_a_stopped_tracking_server(
+    stack: ComposeStack,
+) -> None:
+    if stack.variant != "sqlite":
+        pytest.skip("the profile runs with the sqlite stack only (CI time)")
+    from ..prometheus_api import JOBS, over_http, wait_for_alert, wait_until_every_target_is_up
+
+    env = dict(line.split("=", 1) for line in stack.project.env_file.read_text().splitlines())
+    get = over_http(f"http://127.0.0.1:{env['TRACKGATE_PROMETHEUS_PORT']}")
+    assert wait_until_every_target_is_up(get) == dict.fromkeys(JOBS, 1.0)
+    assert not wait_for_alert(get, "TrackgateDown", "trackgate-tracking", timeout=0)
+    stack.project.run("stop", "tracking")
+    try:
+        alerts = wait_for_alert(get, "TrackgateDown", "trackgate-tracking")
+        assert alerts, "stopping the tracking server fired no TrackgateDown"
+        assert alerts[0]["labels"]["trackgate_host"] == "localhost"
+    finally:
+        stack.project.run("start", "tracking")
+        stack.project.run("up", "--detach", "--wait", "--wait-timeout", "180", "--no-build")
+    assert wait_until_every_target_is_up(get) == dict.fromkeys(JOBS, 1.0)

@@ -41,7 +41,7 @@ def snapshot_source(dest: Path) -> Path:
     turn a "nothing changed" run into a changed one."""
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("app", "nginx"):
+    for name in ("app", "nginx", "monitoring"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
@@ -99,6 +99,8 @@ class Deployment:
     db_password: str = ""
     extra_vars: dict[str, Any] = field(default_factory=dict)
     runs: int = 0
+    # Also in group trackgate_monitoring: Prometheus on the same host (issue 17).
+    monitoring: bool = False
 
     @property
     def url(self) -> str:
@@ -138,7 +140,10 @@ class Deployment:
         self.runs += 1
         inventory = self.workdir / f"inventory-{self.runs}.yml"
         hosts = {self.name: self.host_vars(**overrides)}
-        inventory.write_text(yaml.safe_dump({"all": {"children": {"trackgate": {"hosts": hosts}}}}))
+        groups: dict[str, Any] = {"trackgate": {"hosts": hosts}}
+        if self.monitoring:
+            groups["trackgate_monitoring"] = {"hosts": {self.name: {}}}
+        inventory.write_text(yaml.safe_dump({"all": {"children": groups}}))
         log = self.workdir / f"playbook-{self.runs}.json"
         env = {
             **os.environ,

@@ -38,10 +38,17 @@ BACKUP_VARS = {
 }
 
 
+MONITORING_VARS = {"trackgate_monitoring_scrape_interval": "1s",
+                   "trackgate_monitoring_down_for": "3s"}
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, PlaybookRun]]:
     with deployment("tg-deploy-sqlite", tmp_path_factory.mktemp("deploy-sqlite")) as target:
         target.extra_vars.update(BACKUP_VARS)
+        # Prometheus on the same host, with short intervals (issue 17).
+        target.monitoring = True
+        target.extra_vars.update(MONITORING_VARS)
         first = target.playbook()
         yield target, first
 
@@ -252,3 +259,23 @@ def test_restore_playbook_without_an_archive_says_what_to_pass(host: Deployment)
     assert run.returncode != 0
     assert "Name the archive to restore" in run.failure(), run.failure()
     assert not any(result.get("changed") for _, result in run.tasks)
+
+
+def test_prometheus_of_group_trackgate_monitoring_sees_every_target_and_a_stopped_tracking_server(
+    host: Deployment,
+) -> None:
+    from ..prometheus_api import JOBS, inside, wait_for_alert, wait_until_every_target_is_up
+
+    h = checks.host(host)
+    get = inside(h)
+    assert wait_until_every_target_is_up(get) == dict.fromkeys(JOBS, 1.0)
+    assert not wait_for_alert(get, "TrackgateDown", "trackgate-tracking", timeout=0)
+    h.run_expect([0], "systemctl stop trackgate-tracking.service")
+    try:
+        alerts = wait_for_alert(get, "TrackgateDown", "trackgate-tracking")
+        assert alerts, "stopping the tracking server fired no TrackgateDown"
+        assert alerts[0]["labels"]["trackgate_host"] == "localhost"
+    finally:
+        h.run_expect([0], "systemctl start trackgate-tracking.service")
+        host.wait_healthy()
+    assert wait_until_every_target_is_up(get) == dict.fromkeys(JOBS, 1.0)

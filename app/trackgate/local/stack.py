@@ -20,6 +20,7 @@ from ..processes import port_in_use
 from ..provision import prepare
 from ..server import objectstore
 from ..settings import Settings
+from . import supervisor
 from .probe import health, https_get
 from .supervisor import state_file
 
@@ -123,6 +124,11 @@ def _check_ports(settings: Settings) -> None:
             (settings.internal_host, settings.tracking_port, "TRACKGATE_TRACKING_PORT"),
             (settings.internal_host, settings.gateway_port, "TRACKGATE_GATEWAY_PORT"),
         ]
+    if settings.metrics:
+        checks.append((settings.metrics_address, settings.metrics_port, "TRACKGATE_METRICS_PORT"))
+        if supervisor.nginx_exporter_binary():
+            checks.append((settings.metrics_address, settings.nginx_exporter_port,
+                           "TRACKGATE_NGINX_EXPORTER_PORT"))
     seen: dict[tuple[str, int], str] = {}
     for host, port, how in checks:
         if (host, port) in seen:
@@ -324,7 +330,7 @@ def _public_health(settings: Settings) -> str | None:
         answer = https_get(
             settings.hostname,
             settings.https_port,
-            "/health",
+            f"{settings.base_path}/health",
             ca_file=_trust_file(settings),
             verify=settings.uses_local_ca,
             timeout=5,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,11 +165,33 @@ def children(settings: Settings, nginx_binary: str) -> list[Child]:
     account = accounts.lookup(settings.service_user) if accounts.running_as_root() else None
     if accounts.running_as_root() and account is None:
         raise accounts.AccountError(f"no account {settings.service_user!r}: run `trackgate up`")
-    return [
+    kids = [
         Child("tracking", [*python, "serve", "tracking", *where], log("tracking"), account),
         Child("gateway", [*python, "serve", "gateway", *where], log("gateway"), account),
         Child("nginx", nginx.foreground_argv(settings, nginx_binary), log("nginx")),
     ]
+    exporter = nginx_exporter_binary() if settings.metrics else None
+    if exporter:  # optional: without it, the nginx figures are the gateway's own
+        argv = [*nginx_exporter_argv(settings, exporter), "--", *where]  # flags end at --
+        kids.append(Child("nginx-exporter", argv, log("nginx-exporter"), account,
+                          reopen_signal=None))
+    return kids
+
+
+def nginx_exporter_binary() -> str | None:
+    """Debian's prometheus-nginx-exporter, if installed."""
+    name = "prometheus-nginx-exporter"
+    return shutil.which(name) or shutil.which(name, path="/usr/bin:/usr/sbin")
+
+
+def nginx_exporter_argv(settings: Settings, binary: str) -> list[str]:
+    """The exporter on nginx's stub_status (on the metrics listener). It exits at once when
+    nginx is not up yet, so it retries while nginx starts."""
+    host = settings.metrics_address
+    host = f"[{host}]" if ":" in host else host
+    return [binary, f"-nginx.scrape-uri=http://{host}:{settings.metrics_port}/stub_status",
+            f"-web.listen-address={host}:{settings.nginx_exporter_port}",
+            "-nginx.retries=30", "-nginx.retry-interval=1s"]
 
 
 def state_file(settings: Settings) -> Path:

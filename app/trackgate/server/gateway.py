@@ -32,6 +32,7 @@ from ..roles import RolesWatcher, roles_path
 from ..settings import Settings
 from ..users import UserError, decode, enabled_users, hash_password, normalize_username, verify_hash
 from .credentials import CredentialCache
+from .metrics import GatewayMetrics, wsgi_metrics
 from .throttle import LoginThrottle
 
 USER_HEADER = "X-Trackgate-User"
@@ -132,6 +133,8 @@ class Gateway:
             "shed": 0,
         }
         self._stats_lock = threading.Lock()
+        # Prometheus (metrics.py): the same counts, served at /metrics to the metrics listener.
+        self.metrics = GatewayMetrics(settings) if settings.metrics else None
         # Unknown users are checked against this, so they cost the same time as known ones.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16), settings.bcrypt_rounds)
 
@@ -146,6 +149,8 @@ class Gateway:
         if path == "/stats":
             body = json.dumps({**self.stats, "cached_credentials": len(self.cache)}).encode()
             return _answer(start_response, "200 OK", [("Content-Type", "application/json")], body)
+        if path == "/metrics" and self.metrics is not None:
+            return wsgi_metrics(self.metrics.exposition(), start_response)
         if path != "/auth":
             return _answer(start_response, "404 Not Found")
         credentials = parse_basic(environ.get("HTTP_AUTHORIZATION"))
@@ -201,6 +206,8 @@ class Gateway:
         with self._stats_lock:
             for name in names:
                 self.stats[name] += 1
+        if self.metrics is not None:
+            self.metrics.count(*names)
 
     def _check(self, password: str, current_hash: str | None) -> bool | None:
         """bcrypt under the concurrency cap; None when too many checks are already waiting."""
@@ -210,8 +217,9 @@ class Gateway:
             self._waiting += 1
         try:
             self._count("bcrypt_checks")
+            check = verify_hash if self.metrics is None else self.metrics.timed(verify_hash)
             ok = self._bcrypt_pool.submit(
-                verify_hash, password, current_hash or self._decoy_hash
+                check, password, current_hash or self._decoy_hash
             ).result()
         finally:
             with self._waiting_lock:
@@ -263,19 +271,35 @@ def create_app(settings: Settings | None = None) -> Gateway:
 def run(settings: Settings) -> None:
     """`trackgate serve gateway`: the gateway in the foreground, served by the lean server
     (lean.py) or gunicorn (settings.gateway_server); the request logic is the same."""
+    from . import metrics
+
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
-    if settings.gateway_server == "gunicorn":
-        from .gunicorn import GunicornApp, gateway_options
+    if settings.metrics:  # before prometheus-client is imported
+        metrics.prepare_multiprocess_dir("gateway")
 
-        GunicornApp(lambda: create_app(settings), gateway_options(settings)).run()
-        return
-    from .lean import LeanServer
+    def load() -> Gateway:
+        app = create_app(settings)
+        if app.metrics is not None:  # nginx's request lines, in the process that counts them
+            app.metrics.listen_for_nginx()
+        return app
 
-    # A renamed log (`trackgate logs rotate`) is reopened by the handler on its next line.
-    handler: logging.Handler = (logging.StreamHandler() if settings.logs is None else
-                                logging.handlers.WatchedFileHandler(settings.logs / "gateway.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    LeanServer(create_app(settings), settings.bind_address("gateway"),
-               threads=settings.gateway_threads).serve_forever()
+    try:
+        if settings.gateway_server == "gunicorn":
+            from .gunicorn import GunicornApp, gateway_options
+
+            GunicornApp(load, gateway_options(settings)).run()
+            return
+        from .lean import LeanServer
+
+        # A renamed log (`trackgate logs rotate`) is reopened by the handler on its next line.
+        handler: logging.Handler = (
+            logging.StreamHandler() if settings.logs is None
+            else logging.handlers.WatchedFileHandler(settings.logs / "gateway.log"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+        LeanServer(load(), settings.bind_address("gateway"),
+                   threads=settings.gateway_threads).serve_forever()
+    finally:
+        metrics.remove_multiprocess_dir()

@@ -29,7 +29,7 @@ class GunicornApp(BaseApplication):  # type: ignore[misc]
 def tracking_options(settings: Settings) -> dict[str, Any]:
     """MLflow's Flask app. Threads keep the worker heartbeat alive during multi-GB uploads,
     which a sync worker would be killed for after `timeout` seconds."""
-    return {
+    options: dict[str, Any] = {
         "bind": [settings.bind_address("tracking")],
         "workers": settings.workers,
         "worker_class": "gthread",
@@ -46,6 +46,11 @@ def tracking_options(settings: Settings) -> dict[str, Any]:
         "control_socket_disable": True,
         "errorlog": _error_log(settings, "tracking"),
     }
+    if settings.metrics:  # MLflow's exporter: a dead worker's files stop counting as live
+        from .metrics import mark_tracking_worker_dead
+
+        options["child_exit"] = mark_tracking_worker_dead
+    return options
 
 
 def gateway_options(settings: Settings) -> dict[str, Any]:

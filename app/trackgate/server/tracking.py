@@ -55,11 +55,22 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
         from .downloads import NginxDownloads
 
         served = NginxDownloads(app, settings.nginx_artifact_root)
-    return Policy(served, url_map=app.url_map, artifact_root=root, access=access)
+    policy = Policy(served, url_map=app.url_map, artifact_root=root, access=access)
+    if not settings.metrics:
+        return policy
+    from .metrics import HideMetricsFromUsers
+
+    return HideMetricsFromUsers(policy)
 
 
 def run(settings: Settings) -> None:
     """Prepare the database and artifact store, then serve `mlflow.server:app`."""
+    from . import metrics
+
+    if settings.metrics:
+        # MLflow's exporter (prometheus-flask-exporter), multiprocess across the workers: the
+        # directory must be named before mlflow.server or prometheus-client is imported.
+        metrics.prepare_multiprocess_dir("tracking")
     if settings.logs is not None:
         settings.logs.mkdir(parents=True, exist_ok=True)
     if "://" not in settings.artifacts_uri:
@@ -78,4 +89,7 @@ def run(settings: Settings) -> None:
     if settings.proxy_secret_file is not None:  # only nginx may call (see proxyauth.py)
         secret = proxyauth.read_secret(settings.proxy_secret_file)
         load = lambda: proxyauth.RequireProxy(_load_mlflow(settings), secret)  # noqa: E731
-    GunicornApp(load, tracking_options(settings)).run()
+    try:
+        GunicornApp(load, tracking_options(settings)).run()
+    finally:
+        metrics.remove_multiprocess_dir()
