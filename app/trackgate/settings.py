@@ -195,6 +195,20 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Rotated copies kept of each log (name.1 is the newest)."
     )
 
+    session_idle_timeout: int = Field(
+        default=8 * 3600, ge=60,
+        description="Seconds a browser session (login page) lives without a request.",
+    )
+    session_max_age: int = Field(
+        default=7 * 86400, ge=60,
+        description="Seconds a browser session lives at most, however active (then log in again).",
+    )
+    sessions_path: Path | None = Field(
+        default=None,
+        description="The browser sessions database (sqlite, written by the gateway); default "
+        "sessions.db beside the htpasswd file.",
+    )
+
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -276,6 +290,16 @@ class Settings(BaseSettings):
     def groups_file(self) -> Path:
         """Group members (grants may name a group), beside the roles file."""
         return self.htpasswd.with_name("groups")
+
+    @property
+    def sessions_db(self) -> Path:
+        """Browser sessions (only hashes of their ids), written by the gateway."""
+        return self.sessions_path or self.htpasswd.with_name("sessions.db")
+
+    @property
+    def tokens_file(self) -> Path:
+        """API tokens (only their sha256), beside the roles file."""
+        return self.htpasswd.with_name("tokens")
 
     @property
     def audit_log(self) -> Path | None:
@@ -390,6 +414,8 @@ class Settings(BaseSettings):
             "ca_key": self.ca_key if self.uses_local_ca else None,
             "roles_file": self.roles_file,
             "groups_file": self.groups_file,
+            "sessions_db": self.sessions_db,
+            "tokens_file": self.tokens_file,
             "audit_log": self.audit_log,
             "kek_passphrase_file": self.kek_passphrase_file,
             "cert_file": self.cert_file,
