@@ -24,8 +24,8 @@ from .users import HtpasswdStore, UserError, normalize_username, validate_userna
 
 PREFIX = "tg_"  # recognisable in a leaked-secrets scan
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_DURATION = re.compile(r"(\d+)\s*([hdwy])")
-_UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"(\d+)\s*([smhdwy])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 
 
 def digest(token: str) -> str:
@@ -39,7 +39,7 @@ def parse_expires(text: str) -> int:
         return 0
     match = _DURATION.fullmatch(text)
     if not match or int(match.group(1)) == 0:
-        raise UserError(f"--expires {text!r}: give a duration such as 90d, 12h, 2w, 1y, or never")
+        raise UserError(f"--expires {text!r}: give a duration such as 90d, 12h, 2w, 1y (or 30m, 45s), or never")
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
