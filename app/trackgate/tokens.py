@@ -33,13 +33,14 @@ def digest(token: str) -> str:
 
 
 def parse_expires(text: str) -> int:
-    """'90d', '12h', '2w', '1y' -> seconds; 'never' -> 0."""
+    """'90d', '12h', '2w', '1y', '30m', '45s' -> seconds; 'never' -> 0."""
     text = text.strip().lower()
     if text == "never":
         return 0
     match = _DURATION.fullmatch(text)
     if not match or int(match.group(1)) == 0:
-        raise UserError(f"--expires {text!r}: give a duration such as 90d, 12h, 2w, 1y (or 30m, 45s), or never")
+        raise UserError(f"--expires {text!r}: give a duration such as 90d, 12h, 2w, 1y "
+                        "(or 30m, 45s), or never")
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
