@@ -209,6 +209,52 @@ class Settings(BaseSettings):
         "sessions.db beside the htpasswd file.",
     )
 
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="Single sign-on: the OpenID Connect provider's issuer URL (its "
+        "/.well-known/openid-configuration is read); unset: no single sign-on.",
+    )
+    oidc_client_id: str | None = Field(
+        default=None, description="Single sign-on: this server's client id at the provider."
+    )
+    oidc_client_secret: str | None = Field(
+        default=None,
+        description="Single sign-on: the client secret (or give oidc_client_secret_file).",
+    )
+    oidc_client_secret_file: Path | None = Field(
+        default=None, description="Single sign-on: a file holding the client secret."
+    )
+    oidc_scopes: str = Field(
+        default="openid profile email groups",
+        description="Single sign-on: scopes asked for (space-separated; openid is required).",
+    )
+    oidc_provider_name: str = Field(
+        default="single sign-on", description="Shown on the login page: 'Sign in with ...'."
+    )
+    oidc_username_claim: str = Field(
+        default="preferred_username",
+        description="Single sign-on: the ID token claim that gives the trackgate user name.",
+    )
+    oidc_groups_claim: str = Field(
+        default="groups",
+        description="Single sign-on: the claim listing the user's groups (for oidc_roles).",
+    )
+    oidc_roles: str = Field(
+        default="",
+        description="Single sign-on: group=role pairs, comma-separated (e.g. "
+        "'ml-admins=admin,ml-team=editor'); the highest role of a user's groups applies.",
+    )
+    oidc_default_role: str = Field(
+        default="",
+        description="Single sign-on: role of a user in none of those groups (viewer, editor, "
+        "admin; empty: such users are refused).",
+    )
+    local_users: bool = Field(
+        default=True,
+        description="Accept the htpasswd users' passwords (login page, Basic). Off: only single "
+        "sign-on (and API tokens) log in.",
+    )
+
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -453,7 +499,8 @@ class Settings(BaseSettings):
             "uses_local_ca": self.uses_local_ca,
             "paths": {k: (str(v) if v is not None else None) for k, v in paths.items()},
             "settings": {
-                k: v for k, v in self.to_env().items() if k != ENV_PREFIX + "BACKEND_STORE_URI"
+                k: v for k, v in self.to_env().items()
+                if k not in (ENV_PREFIX + "BACKEND_STORE_URI", ENV_PREFIX + "OIDC_CLIENT_SECRET")
             },
         }
 

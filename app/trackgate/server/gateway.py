@@ -37,9 +37,19 @@ from ..roles import RolesWatcher, roles_path
 from ..settings import Settings
 from ..tokens import TokenWatcher, lower_role
 from ..users import UserError, decode, enabled_users, hash_password, normalize_username, verify_hash
-from . import login
+from . import login, oidc
 from .credentials import CredentialCache
-from .sessions import SessionStore, clear_cookie, cookie_value, fingerprint, set_cookie
+from .sessions import (
+    Session,
+    SessionStore,
+    clear_cookie,
+    clear_sign_on_cookie,
+    cookie_value,
+    fingerprint,
+    set_cookie,
+    sign_on_cookie,
+    sign_on_state,
+)
 from .throttle import LoginThrottle, Refusal
 
 USER_HEADER = "X-Trackgate-User"
@@ -129,6 +139,9 @@ class Gateway:
                                      settings.session_max_age)
         self.session_max_age = settings.session_max_age
         self.origins = frozenset(settings.public_origins)
+        self.local_users = settings.local_users
+        self.provider = (oidc.Provider(settings)
+                         if settings.oidc_issuer and settings.oidc_client_id else None)
         # Logins checked with bcrypt (not the cached ones: those are every request) go here.
         self.audit = AuditLog(audit_path(settings))
         self.cache = CredentialCache(settings.cache_size, settings.cache_ttl)
@@ -162,6 +175,10 @@ class Gateway:
             return self.authorize(environ, start_response)
         if path == "/login":
             return self.login(environ, start_response)
+        if path == oidc.START_PATH:
+            return self.sign_on_start(environ, start_response)
+        if path == oidc.CALLBACK_PATH:
+            return self.sign_on_callback(environ, start_response)
         if path == "/logout":
             return self.logout(environ, start_response)
         if path == "/current-user":
@@ -195,6 +212,8 @@ class Gateway:
             if credentials is not None:
                 if _is_mlflow_logout(environ, credentials[0]):
                     return self.mlflow_ui_logout(environ, start_response)
+                if not self.local_users:  # single sign-on only: no password is accepted
+                    return self.unauthorized(environ, start_response)
                 return self.authorize_basic(environ, start_response, *credentials)
         session_id = cookie_value(environ.get("HTTP_COOKIE"))
         if session_id is not None:
@@ -266,9 +285,12 @@ class Gateway:
         session = self.sessions.get(session_id)
         if session is None:
             return self.unauthorized(environ, start_response)
+        if session.role is not None:  # single sign-on: the provider's word at login
+            return self.allow_sign_on_session(environ, start_response, session)
         current_hash = self.users.hash_for(session.username)
         role = self.roles.role_for(session.username)
-        if current_hash is None or session.fingerprint != fingerprint(current_hash, role):
+        if (not self.local_users or current_hash is None
+                or session.fingerprint != fingerprint(current_hash, role)):
             self.sessions.end(session_id)  # password, role changed or user removed: over
             self._audit_login(environ, session.username, "session_ended", 401)
             return self.unauthorized(environ, start_response)
@@ -279,6 +301,20 @@ class Gateway:
         self._count("allowed")
         return _allow(start_response, session.username, role,
                       self.groups.groups_of(session.username), "session")
+
+    def allow_sign_on_session(self, environ: dict[str, Any], start_response: StartResponse,
+                              session: Session) -> list[bytes]:
+        assert session.role is not None
+        if self.provider is None or session.fingerprint != self.provider.fingerprint:
+            # Single sign-on switched off or reconfigured (other provider, client or role map):
+            # what it vouched for no longer holds.
+            self.sessions.end(cookie_value(environ.get("HTTP_COOKIE")) or "")
+            return self.unauthorized(environ, start_response)
+        if not self.same_origin(environ, environ.get("HTTP_X_ORIGINAL_METHOD") or "GET"):
+            return self.unauthorized(environ, start_response)
+        self._count("allowed")
+        groups = frozenset(session.groups) | self.groups.groups_of(session.username)
+        return _allow(start_response, session.username, session.role, groups, "sso")
 
     def same_origin(self, environ: dict[str, Any], method: str) -> bool:
         """True for reads, and for writes a browser says come from this server's own origin."""
@@ -312,37 +348,97 @@ class Gateway:
         query = login.form_fields(environ.get("QUERY_STRING", "").encode())
         if method in ("GET", "HEAD"):
             note = "You are logged out." if "logged_out" in query else None
-            return _page(start_response, "200 OK",
-                         login.page(next_path=login.safe_next(query.get("next")), note=note))
+            return self._login_page(start_response, "200 OK",
+                                    next_path=login.safe_next(query.get("next")), note=note)
         if method != "POST":
             return _answer(start_response, "405 Method Not Allowed", [("Allow", "GET, POST")])
         fields = login.form_fields(_read_body(environ, MAX_FORM))
         next_path = login.safe_next(fields.get("next"))
+        if not self.local_users:
+            return self._login_page(start_response, "403 Forbidden", next_path=next_path,
+                                    error="Passwords are switched off here: use single sign-on.")
         username, password = fields.get("username", "").strip(), fields.get("password", "")
         if not self.same_origin(environ, "POST"):  # login CSRF: another site logs you in
-            return _page(start_response, "403 Forbidden", login.page(
-                next_path=next_path, error="This form must be sent from this server's page."))
+            return self._login_page(start_response, "403 Forbidden", next_path=next_path,
+                                    error="This form must be sent from this server's page.")
         if not username or not password:
-            return _page(start_response, "400 Bad Request", login.page(
-                next_path=next_path, username=username,
-                error="Enter your username and password."))
+            return self._login_page(start_response, "400 Bad Request", next_path=next_path,
+                                    username=username, error="Enter your username and password.")
         result = self.check_password(environ, username, password)
         if result.refusal is not None:
             error = (f"Too many attempts: {result.refusal.reason}. "
                      f"Try again in {result.refusal.retry_after} s.")
-            return _page(start_response, "429 Too Many Requests", login.page(
-                next_path=next_path, username=username, error=error),
-                [("Retry-After", str(result.refusal.retry_after))])
+            return self._login_page(start_response, "429 Too Many Requests",
+                                    next_path=next_path, username=username, error=error,
+                                    headers=[("Retry-After", str(result.refusal.retry_after))])
         if result.role is None or result.password_hash is None:
-            return _page(start_response, "401 Unauthorized", login.page(
-                next_path=next_path, username=username,
-                error="Wrong username or password."))
+            return self._login_page(start_response, "401 Unauthorized", next_path=next_path,
+                                    username=username, error="Wrong username or password.")
         session_id = self.sessions.create(result.username,
                                           fingerprint(result.password_hash, result.role))
         self._audit_login(environ, result.username, "session_started", 303, result.role)
         return _answer(start_response, "303 See Other", [
             ("Location", next_path),
             ("Set-Cookie", set_cookie(session_id, self.session_max_age)),
+            ("Cache-Control", "no-store"),
+        ])
+
+    def _login_page(self, start_response: StartResponse, status: str, *,
+                    headers: list[tuple[str, str]] | None = None, **values: Any) -> list[bytes]:
+        provider = self.provider.name if self.provider is not None else None
+        body = login.page(provider=provider, passwords=self.local_users, **values)
+        return _page(start_response, status, body, headers)
+
+    def sign_on_start(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        """GET /login/oidc: to the provider, with state, nonce and a PKCE challenge; the state
+        is also set in a __Host- cookie so only this browser can finish this sign-on."""
+        if self.provider is None:
+            return _answer(start_response, "404 Not Found")
+        next_path = login.safe_next(login.form_fields(
+            environ.get("QUERY_STRING", "").encode()).get("next"))
+        try:
+            url, state, nonce, verifier = self.provider.start()
+        except oidc.OIDCError as exc:
+            return self._login_page(start_response, "502 Bad Gateway", next_path=next_path,
+                                    error=str(exc))
+        self.sessions.begin_sign_on(state, nonce, verifier, next_path)
+        return _answer(start_response, "303 See Other", [
+            ("Location", url), ("Set-Cookie", sign_on_cookie(state)),
+            ("Cache-Control", "no-store")])
+
+    def sign_on_callback(self, environ: dict[str, Any],
+                         start_response: StartResponse) -> list[bytes]:
+        """GET /login/oidc/callback?code&state from the provider: the state must be the one
+        this browser started (cookie) and still pending (single use); then the code is
+        exchanged, the ID token verified and a session started with the mapped role."""
+        if self.provider is None:
+            return _answer(start_response, "404 Not Found")
+        query = login.form_fields(environ.get("QUERY_STRING", "").encode())
+        state = query.get("state", "")
+        mine = sign_on_state(environ.get("HTTP_COOKIE"))
+        pending = (self.sessions.take_sign_on(state)
+                   if state and mine and secrets.compare_digest(state, mine) else None)
+        if pending is None:
+            return self._login_page(start_response, "400 Bad Request",
+                                    error="That sign-on was not started here or took too long: "
+                                    "try again.")
+        if "error" in query or not query.get("code"):
+            return self._login_page(start_response, "401 Unauthorized", next_path=pending.next,
+                                    error=f"The provider did not sign you in: "
+                                    f"{query.get('error_description') or query.get('error')}")
+        try:
+            identity = self.provider.finish(query["code"], pending.nonce, pending.verifier)
+        except oidc.OIDCError as exc:
+            self._audit_login(environ, "", "sso_failed", 401)
+            return self._login_page(start_response, "401 Unauthorized", next_path=pending.next,
+                                    error=str(exc))
+        session_id = self.sessions.create(identity.username, self.provider.fingerprint,
+                                          identity.role, identity.groups)
+        self._audit_login(environ, identity.username, "sso_session_started", 303, identity.role)
+        return _answer(start_response, "303 See Other", [
+            ("Location", pending.next),
+            ("Set-Cookie", set_cookie(session_id, self.session_max_age)),
+            ("Set-Cookie", clear_sign_on_cookie()),
             ("Cache-Control", "no-store"),
         ])
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COOKIE = "__Host-trackgate-session"
+SIGN_ON_COOKIE = "__Host-trackgate-sign-on"  # the state of a single sign-on under way
 # Writing `seen` on every request would make every request a write: once a minute is enough
 # for an idle timeout counted in minutes or hours.
 SEEN_RESOLUTION = 60.0
@@ -34,9 +35,19 @@ CREATE TABLE IF NOT EXISTS sessions (
     username    TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     created     REAL NOT NULL,
-    seen        REAL NOT NULL
+    seen        REAL NOT NULL,
+    role        TEXT,  -- single sign-on only: the role and groups the provider gave at login
+    groups      TEXT
+);
+CREATE TABLE IF NOT EXISTS oidc_pending (
+    state    TEXT PRIMARY KEY,
+    nonce    TEXT NOT NULL,
+    verifier TEXT NOT NULL,
+    next     TEXT NOT NULL,
+    created  REAL NOT NULL
 )
 """
+PENDING_TTL = 600.0  # seconds a browser has to come back from the sign-on provider
 
 
 def fingerprint(password_hash: str, role: str) -> str:
@@ -52,6 +63,17 @@ def _id_hash(session_id: str) -> str:
 class Session:
     username: str
     fingerprint: str
+    role: str | None = None  # set for single sign-on sessions (no htpasswd line to follow)
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A single sign-on under way: what the callback must match and where to go after."""
+
+    nonce: str
+    verifier: str
+    next: str
 
 
 class SessionStore:
@@ -74,18 +96,20 @@ class SessionStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             if not self._ready:
-                db.execute(_SCHEMA)
+                db.executescript(_SCHEMA)
                 self._ready = True
             self._local.db = db
         return db
 
-    def create(self, username: str, print_: str) -> str:
+    def create(self, username: str, print_: str, role: str | None = None,
+               groups: frozenset[str] = frozenset()) -> str:
         """A new session for USERNAME; returns its id (for the cookie, never stored)."""
         session_id = secrets.token_urlsafe(32)
         now = time.time()
         db = self._db()
-        db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
-                   (_id_hash(session_id), username, print_, now, now))
+        db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (_id_hash(session_id), username, print_, now, now, role,
+                    "\n".join(sorted(groups))))
         # Housekeeping on login, not per request: drop what has expired anyway.
         db.execute("DELETE FROM sessions WHERE created < ? OR seen < ?",
                    (now - self.max_age, now - self.idle))
@@ -97,18 +121,18 @@ class SessionStore:
             return None
         key = _id_hash(session_id)
         db = self._db()
-        row = db.execute("SELECT username, fingerprint, created, seen FROM sessions "
-                         "WHERE id_hash = ?", (key,)).fetchone()
+        row = db.execute("SELECT username, fingerprint, created, seen, role, groups "
+                         "FROM sessions WHERE id_hash = ?", (key,)).fetchone()
         if row is None:
             return None
-        username, print_, created, seen = row
+        username, print_, created, seen, role, groups = row
         now = time.time()
         if now - created >= self.max_age or now - seen >= self.idle:
             db.execute("DELETE FROM sessions WHERE id_hash = ?", (key,))
             return None
         if now - seen >= SEEN_RESOLUTION:
             db.execute("UPDATE sessions SET seen = ? WHERE id_hash = ?", (now, key))
-        return Session(username, print_)
+        return Session(username, print_, role, tuple(g for g in (groups or "").split("\n") if g))
 
     def end(self, session_id: str) -> bool:
         """Delete the session (logout, or it no longer matches its user); True if it existed."""
@@ -116,19 +140,50 @@ class SessionStore:
                                     (_id_hash(session_id),))
         return cursor.rowcount > 0
 
+    def begin_sign_on(self, state: str, nonce: str, verifier: str, next_path: str) -> None:
+        now = time.time()
+        db = self._db()
+        db.execute("DELETE FROM oidc_pending WHERE created < ?", (now - PENDING_TTL,))
+        db.execute("INSERT INTO oidc_pending VALUES (?, ?, ?, ?, ?)",
+                   (_id_hash(state), nonce, verifier, next_path, now))
+
+    def take_sign_on(self, state: str) -> Pending | None:
+        """The sign-on STATE started, once (deleted as it is read), if not too old."""
+        db = self._db()
+        key = _id_hash(state)
+        row = db.execute("DELETE FROM oidc_pending WHERE state = ? "
+                         "RETURNING nonce, verifier, next, created", (key,)).fetchone()
+        if row is None or time.time() - row[3] >= PENDING_TTL:
+            return None
+        return Pending(row[0], row[1], row[2])
+
     def count(self) -> int:
         return int(self._db().execute("SELECT count(*) FROM sessions").fetchone()[0])
 
 
-def cookie_value(cookie_header: str | None) -> str | None:
+def cookie_value(cookie_header: str | None, cookie: str = COOKIE) -> str | None:
     """The session id from a Cookie header (the first one named COOKIE), or None."""
-    if not cookie_header or COOKIE not in cookie_header:
+    if not cookie_header or cookie not in cookie_header:
         return None
     for part in cookie_header.split(";"):
         name, sep, value = part.strip().partition("=")
-        if sep and name == COOKIE:
+        if sep and name == cookie:
             return value.strip()
     return None
+
+
+def sign_on_state(cookie_header: str | None) -> str | None:
+    return cookie_value(cookie_header, SIGN_ON_COOKIE)
+
+
+def sign_on_cookie(state: str) -> str:
+    # Lax: the provider's redirect back is a top-level GET, which carries it.
+    return (f"{SIGN_ON_COOKIE}={state}; Path=/; Max-Age={int(PENDING_TTL)}; Secure; HttpOnly; "
+            "SameSite=Lax")
+
+
+def clear_sign_on_cookie() -> str:
+    return f"{SIGN_ON_COOKIE}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax"
 
 
 def set_cookie(session_id: str, max_age: int) -> str:
