@@ -432,6 +432,13 @@ class Gateway:
             self._audit_login(environ, "", "sso_failed", 401)
             return self._login_page(start_response, "401 Unauthorized", next_path=pending.next,
                                     error=str(exc))
+        if self.users.hash_for(identity.username) is not None:
+            # A provider's user may pick a name: it must never become a local account (admin).
+            self._audit_login(environ, identity.username, "sso_refused_local_name", 403)
+            return self._login_page(start_response, "403 Forbidden", next_path=pending.next,
+                                    error=f"{identity.username!r} is a local account here; the "
+                                    "single sign-on user of that name cannot take it over (an "
+                                    "admin can remove the local account).")
         session_id = self.sessions.create(identity.username, self.provider.fingerprint,
                                           identity.role, identity.groups)
         self._audit_login(environ, identity.username, "sso_session_started", 303, identity.role)
