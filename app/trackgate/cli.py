@@ -287,7 +287,8 @@ def users_set(name: str, password_stdin: bool, **values: Any) -> None:
 @setting_options(*USER_OPTIONS)
 @_guard
 def users_remove(name: str, **values: Any) -> None:
-    """Remove user NAME; their next request is refused."""
+    """Remove user NAME and revoke their API tokens; their next request is refused (browser
+    sessions included)."""
     _store(values).remove(name)
     _roles(values).remove(name)
     # A later user of the same name must not inherit them.
