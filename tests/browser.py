@@ -39,5 +39,9 @@ def log_in(context: Any, url: str, username: str, password: str, path: str = "/"
     page.fill("#username", username)
     page.fill("#password", password)
     page.click("button[type=submit]")
-    page.wait_for_url(lambda u: "/login" not in u, timeout=60_000)
+    try:
+        # bcrypt runs at the lowest CPU priority: on a busy machine a first login can wait.
+        page.wait_for_url(lambda u: "/login" not in u, timeout=120_000)
+    except Exception:  # say what the login page says (wrong password, throttled...)
+        raise AssertionError(f"login as {username} failed: {page.inner_text('body')}") from None
     return page

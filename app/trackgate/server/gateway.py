@@ -128,7 +128,8 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
 
 
 class Gateway:
-    """WSGI app answering nginx's auth subrequests at /auth (/healthz and /stats for operators)."""
+    """WSGI app answering nginx's auth subrequests at /auth, and serving the login page, logout,
+    single sign-on and the current user (/healthz and /stats for operators)."""
 
     def __init__(self, settings: Settings) -> None:
         self.users = HtpasswdWatcher(settings.htpasswd)
