@@ -127,3 +127,16 @@ def test_removing_the_user_ends_its_tokens(stack: RunningStack) -> None:
 def test_an_unknown_token_gets_the_401_scripts_get(stack: RunningStack, header: str) -> None:
     answer = stack.get(SEARCH, headers={"Authorization": header})
     assert answer.status_code in (401, 400), answer.status_code
+
+
+def test_trackgate_check_accepts_a_token_and_explains_a_revoked_one(stack: RunningStack) -> None:
+    name, _ = stack.new_user("checked")
+    token = create(stack, name, "ci")
+    env = {"MLFLOW_TRACKING_URI": stack.url, "MLFLOW_TRACKING_TOKEN": token,
+           "MLFLOW_TRACKING_SERVER_CERT_PATH": str(stack.ca)}
+    ok = trackgate("check", env=env)
+    assert ok.returncode == 0 and "accepts an API token" in ok.stdout, ok.stdout + ok.stderr
+    assert tokens(stack, "revoke", "--user", name, "--name", "ci").returncode == 0
+    refused = trackgate("check", env=env)
+    assert refused.returncode != 0
+    assert "TOKEN) is unknown, revoked or expired" in refused.stdout + refused.stderr
