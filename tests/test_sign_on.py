@@ -215,3 +215,12 @@ def test_with_local_users_switched_off_no_password_logs_in(tmp_path: Path) -> No
     answer = call("/login", REQUEST_METHOD="POST", HTTP_SEC_FETCH_SITE="same-origin",
                   CONTENT_LENGTH=str(len(body)), **{"wsgi.input": io.BytesIO(body)})
     assert answer.startswith("403")
+
+
+@pytest.mark.parametrize("values", [{"oidc_roles": "ml-admins"}, {"oidc_roles": "x=root"},
+                                    {"oidc_default_role": "superuser"}])
+def test_a_bad_role_map_is_a_clear_settings_error(tmp_path: Path, values: dict[str, str]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="role"):
+        Settings(data_dir=tmp_path, **values)

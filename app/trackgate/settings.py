@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "TRACKGATE_"
 SYSTEM_SETTINGS_FILE = Path("/etc/trackgate/trackgate.env")
 SETTINGS_FILE_NAME = "trackgate.env"  # in the data dir
+_ROLES = ("viewer", "editor", "admin")  # roles.ROLES (roles.py imports this module)
 
 
 def _default_data_dir() -> Path:
@@ -271,6 +272,22 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
         return value
+
+    @field_validator("oidc_roles")
+    @classmethod
+    def _valid_role_map(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            group, sep, role = part.rpartition("=")
+            if not sep or not group.strip() or role.strip().lower() not in _ROLES:
+                raise ValueError(f"{part!r} is not group=role (role: {', '.join(_ROLES)})")
+        return value
+
+    @field_validator("oidc_default_role")
+    @classmethod
+    def _valid_default_role(cls, value: str) -> str:
+        if value.strip() and value.strip().lower() not in _ROLES:
+            raise ValueError(f"{value!r} is not a role ({', '.join(_ROLES)}, or empty)")
+        return value.strip().lower()
 
     @field_validator("hostname")
     @classmethod
