@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -27,3 +28,20 @@ def chromium() -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+def log_in(context: Any, url: str, username: str, password: str, path: str = "/") -> Any:
+    """A page of CONTEXT signed in through trackgate's login page (where asking for PATH leads),
+    left on the page it lands on."""
+    page = context.new_page()
+    page.goto(url + path, timeout=120_000)
+    page.wait_for_url("**/login?**", timeout=60_000)
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    try:
+        # bcrypt runs at the lowest CPU priority: on a busy machine a first login can wait.
+        page.wait_for_url(lambda u: "/login" not in u, timeout=120_000)
+    except Exception:  # say what the login page says (wrong password, throttled...)
+        raise AssertionError(f"login as {username} failed: {page.inner_text('body')}") from None
+    return page

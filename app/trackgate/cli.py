@@ -19,6 +19,7 @@ from .local import stack
 from .roles import DEFAULT_ROLE, ROLES, RolesStore, roles_path
 from .server import objectstore, proxyauth
 from .settings import ENV_PREFIX, Settings, SettingsFileError, load_settings
+from .tokens import TokenStore, parse_expires
 from .users import (
     HtpasswdStore,
     UserError,
@@ -289,10 +290,13 @@ def users_set(name: str, password_stdin: bool, **values: Any) -> None:
 @setting_options(*USER_OPTIONS)
 @_guard
 def users_remove(name: str, **values: Any) -> None:
-    """Remove user NAME; their next request is refused."""
+    """Remove user NAME and revoke their API tokens; their next request is refused (browser
+    sessions included)."""
     _store(values).remove(name)
     _roles(values).remove(name)
-    click.echo(f"removed {name}")
+    # A later user of the same name must not inherit them.
+    revoked = _tokens(values).revoke_user(name)
+    click.echo(f"removed {name}" + (f" and revoked {revoked} token(s)" if revoked else ""))
 
 
 @users.command("list")
@@ -332,6 +336,75 @@ def users_verify(name: str, password_stdin: bool, **values: Any) -> None:
     if not store.verify(name, read_password(from_stdin=password_stdin, new=False)):
         _fail(f"wrong password or no user {name!r}")
     click.echo("ok")
+
+
+# --- API tokens -----------------------------------------------------------------------------
+
+
+@cli.group()
+def tokens() -> None:
+    """API tokens for scripts and CI: clients set MLFLOW_TRACKING_TOKEN (sent as Bearer) instead
+    of a person's password. Stored as sha256 only; changes apply on the next request."""
+
+
+def _tokens(values: dict[str, Any]) -> TokenStore:
+    return TokenStore(_settings(values).tokens_file)
+
+
+@tokens.command("create")
+@click.option("--user", "user", required=True, help="The user the token acts as.")
+@click.option("--name", "name", required=True, help="A name for it (shown in the audit log).")
+@click.option("--expires", default="90d", show_default=True,
+              help="How long it works: 12h, 90d, 2w, 1y, or never.")
+@click.option("--role", type=click.Choice(ROLES), default=None,
+              help="At most this role (never more than the user's own; default: the user's).")
+@setting_options(*USER_OPTIONS)
+@_guard
+def tokens_create(user: str, name: str, expires: str, role: str | None, **values: Any) -> None:
+    """Create a token for USER and print it once (stdout; nothing else can show it again)."""
+    entry = _store(values).find(user)
+    if entry is None:
+        raise UserError(f"no user {user!r}; use `trackgate users add {user}`")
+    token = _tokens(values).add(entry.name, name, parse_expires(expires), role)
+    click.echo(f"token {name!r} for {entry.name}, expires {_when(parse_expires(expires))}; "
+               "it is shown only now:", err=True)
+    click.echo(token)
+
+
+@tokens.command("list")
+@click.option("--user", "user", default=None, help="Only this user's tokens.")
+@setting_options(*USER_OPTIONS)
+@_guard
+def tokens_list(user: str | None, **values: Any) -> None:
+    """List tokens: user, name, role limit, created, expires (never the token)."""
+    wanted = normalize_username(user) if user else None
+    for token in _tokens(values).tokens():
+        if wanted is not None and token.user != wanted:
+            continue
+        expires = "never" if not token.expires else _date(token.expires)
+        state = " (expired)" if token.expired() else ""
+        click.echo(f"{token.user}  {token.name}  role<={token.role or 'user'}  "
+                   f"created {_date(token.created)}  expires {expires}{state}")
+
+
+@tokens.command("revoke")
+@click.option("--user", "user", required=True)
+@click.option("--name", "name", required=True)
+@setting_options(*USER_OPTIONS)
+@_guard
+def tokens_revoke(user: str, name: str, **values: Any) -> None:
+    """Revoke USER's token NAME: its next request gets 401."""
+    if not _tokens(values).revoke(user, name):
+        raise UserError(f"{user} has no token named {name!r} (`trackgate tokens list`)")
+    click.echo(f"revoked {name} of {normalize_username(user)}")
+
+
+def _date(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def _when(seconds: int) -> str:
+    return "never" if not seconds else _date(int(time.time()) + seconds)
 
 
 # --- groups ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import accounts, nginx, tls
 from .groups import GroupsStore
 from .settings import SETTINGS_FILE_NAME, Settings
+from .tokens import TokenStore
 from .users import HtpasswdStore
 
 ADMIN = "admin"
@@ -65,6 +66,7 @@ def prepare(settings: Settings) -> str | None:
         ensure_secret(settings.proxy_secret_file)
     password = ensure_admin(settings)
     GroupsStore(settings.groups_file).create()
+    TokenStore(settings.tokens_file).create()
     nginx.write_if_changed(settings.nginx_conf, nginx.render(settings, standalone=True))
     if account is not None:
         # Not the artifacts (the account wrote them), nor the CA key and the settings file:

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "TRACKGATE_"
 SYSTEM_SETTINGS_FILE = Path("/etc/trackgate/trackgate.env")
 SETTINGS_FILE_NAME = "trackgate.env"  # in the data dir
+_ROLES = ("viewer", "editor", "admin")  # roles.ROLES (roles.py imports this module)
 
 
 def _default_data_dir() -> Path:
@@ -276,6 +277,66 @@ class Settings(BaseSettings):
         description="Seconds after the last backup when the 'backup too old' alert fires.",
     )
 
+    session_idle_timeout: int = Field(
+        default=8 * 3600, ge=60,
+        description="Seconds a browser session (login page) lives without a request.",
+    )
+    session_max_age: int = Field(
+        default=7 * 86400, ge=60,
+        description="Seconds a browser session lives at most, however active (then log in again).",
+    )
+    sessions_path: Path | None = Field(
+        default=None,
+        description="The browser sessions database (sqlite, written by the gateway); default "
+        "sessions.db beside the htpasswd file.",
+    )
+
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="Single sign-on: the OpenID Connect provider's issuer URL (its "
+        "/.well-known/openid-configuration is read); unset: no single sign-on.",
+    )
+    oidc_client_id: str | None = Field(
+        default=None, description="Single sign-on: this server's client id at the provider."
+    )
+    oidc_client_secret: str | None = Field(
+        default=None,
+        description="Single sign-on: the client secret (or give oidc_client_secret_file).",
+    )
+    oidc_client_secret_file: Path | None = Field(
+        default=None, description="Single sign-on: a file holding the client secret."
+    )
+    oidc_scopes: str = Field(
+        default="openid profile email groups",
+        description="Single sign-on: scopes asked for (space-separated; openid is required).",
+    )
+    oidc_provider_name: str = Field(
+        default="single sign-on", description="Shown on the login page: 'Sign in with ...'."
+    )
+    oidc_username_claim: str = Field(
+        default="preferred_username",
+        description="Single sign-on: the ID token claim that gives the trackgate user name.",
+    )
+    oidc_groups_claim: str = Field(
+        default="groups",
+        description="Single sign-on: the claim listing the user's groups (for oidc_roles).",
+    )
+    oidc_roles: str = Field(
+        default="",
+        description="Single sign-on: group=role pairs, comma-separated (e.g. "
+        "'ml-admins=admin,ml-team=editor'); the highest role of a user's groups applies.",
+    )
+    oidc_default_role: str = Field(
+        default="",
+        description="Single sign-on: role of a user in none of those groups (viewer, editor, "
+        "admin; empty: such users are refused).",
+    )
+    local_users: bool = Field(
+        default=True,
+        description="Accept the htpasswd users' passwords (login page, Basic). Off: only single "
+        "sign-on (and API tokens) log in.",
+    )
+
     @field_validator("extra_hostnames", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -332,6 +393,22 @@ class Settings(BaseSettings):
         if value and value.split("/")[1] in ("_trackgate", "api", "ajax-api", "static-files"):
             raise ValueError(f"{value!r} would hide trackgate's or MLflow's own paths")
         return value
+
+    @field_validator("oidc_roles")
+    @classmethod
+    def _valid_role_map(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            group, sep, role = part.rpartition("=")
+            if not sep or not group.strip() or role.strip().lower() not in _ROLES:
+                raise ValueError(f"{part!r} is not group=role (role: {', '.join(_ROLES)})")
+        return value
+
+    @field_validator("oidc_default_role")
+    @classmethod
+    def _valid_default_role(cls, value: str) -> str:
+        if value.strip() and value.strip().lower() not in _ROLES:
+            raise ValueError(f"{value!r} is not a role ({', '.join(_ROLES)}, or empty)")
+        return value.strip().lower()
 
     @field_validator("hostname")
     @classmethod
@@ -408,6 +485,16 @@ class Settings(BaseSettings):
     def groups_file(self) -> Path:
         """Group members (grants may name a group), beside the roles file."""
         return self.htpasswd.with_name("groups")
+
+    @property
+    def sessions_db(self) -> Path:
+        """Browser sessions (only hashes of their ids), written by the gateway."""
+        return self.sessions_path or self.htpasswd.with_name("sessions.db")
+
+    @property
+    def tokens_file(self) -> Path:
+        """API tokens (only their sha256), beside the roles file."""
+        return self.htpasswd.with_name("tokens")
 
     @property
     def audit_log(self) -> Path | None:
@@ -529,6 +616,8 @@ class Settings(BaseSettings):
             "ca_key": self.ca_key if self.uses_local_ca else None,
             "roles_file": self.roles_file,
             "groups_file": self.groups_file,
+            "sessions_db": self.sessions_db,
+            "tokens_file": self.tokens_file,
             "audit_log": self.audit_log,
             "kek_passphrase_file": self.kek_passphrase_file,
             "proxy_secret_file": self.proxy_secret_file,
@@ -570,7 +659,8 @@ class Settings(BaseSettings):
             "uses_local_ca": self.uses_local_ca,
             "paths": {k: (str(v) if v is not None else None) for k, v in paths.items()},
             "settings": {
-                k: v for k, v in self.to_env().items() if k != ENV_PREFIX + "BACKEND_STORE_URI"
+                k: v for k, v in self.to_env().items()
+                if k not in (ENV_PREFIX + "BACKEND_STORE_URI", ENV_PREFIX + "OIDC_CLIENT_SECRET")
             },
         }
 

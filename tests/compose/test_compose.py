@@ -25,10 +25,13 @@ from ..test_auth_matrix import (  # noqa: F401
     test_every_path_family_refuses_bad_credentials_with_a_basic_challenge,
 )
 from ..test_browser_login import (  # noqa: F401
+    browser,
     experiment,
+    test_a_wrong_password_shows_the_error_on_the_login_page,
     test_logged_in_the_mlflow_ui_renders_and_shows_the_clients_experiment,
-    test_with_wrong_credentials_the_browser_gets_the_401_page,
-    test_without_credentials_the_browser_is_refused,
+    test_login_lands_on_the_page_asked_for_and_the_account_menu_shows_the_user,
+    test_the_login_page_appears_instead_of_the_native_prompt,
+    test_the_mlflow_menus_logout_ends_the_session_and_a_replayed_cookie_gets_401,
 )
 from ..test_host_guard import (  # noqa: F401
     test_configured_host_is_served_with_and_without_port,
@@ -177,6 +180,18 @@ def test_a_user_added_with_the_cli_logs_in_at_once_and_a_removed_one_cannot(
     assert stack.get(path, auth=(name, password)).status_code == 200
     stack.remove_user(name)
     assert stack.get(path, auth=(name, password)).status_code == 401
+
+
+def test_an_api_token_made_with_the_cli_works_at_once_and_a_revoked_one_does_not(
+    stack: ComposeStack,
+) -> None:
+    path = "/api/2.0/mlflow/experiments/search?max_results=1"
+    name, _ = stack.new_user("token")
+    token = stack.project.exec("gateway", "trackgate", "tokens", "create", "--user", name,
+                               "--name", "ci").stdout.strip()
+    assert stack.get(path, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    stack.project.exec("gateway", "trackgate", "tokens", "revoke", "--user", name, "--name", "ci")
+    assert stack.get(path, headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
 def test_a_crashed_tracking_container_comes_back_and_nothing_logged_is_lost(

@@ -7,13 +7,15 @@ control that must still write; the MLflow client (no Origin at all) keeps writin
 from __future__ import annotations
 
 import http.server
+import ssl
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from trackgate.server.sessions import COOKIE
 
-from ..browser import chromium
+from ..browser import chromium, log_in
 from ..support import RunningStack, free_port
 
 pytestmark = pytest.mark.security
@@ -75,19 +77,52 @@ def evil_site(stack: RunningStack, run_id: str) -> Iterator[str]:
 
 
 def _browser_context(browser: Any, stack: RunningStack) -> Any:
-    """A browser that has logged in: it answers this server's login challenge, whichever page
-    sent it there."""
-    return browser.new_context(ignore_https_errors=True,
-                               http_credentials={"username": "admin",
-                                                 "password": stack.admin_password})
+    """A browser that has signed in on the login page: its session cookie goes along with
+    requests other pages make, as far as SameSite=Lax lets it."""
+    context = browser.new_context(ignore_https_errors=True)
+    log_in(context, stack.url, "admin", stack.admin_password).close()
+    return context
+
+
+@pytest.fixture(scope="module")
+def same_site_evil_site(stack: RunningStack, run_id: str) -> Iterator[str]:
+    """A page on another port of this very host over HTTPS (https://localhost:PORT): the same
+    site as the server, so a SameSite=Lax cookie rides along on its requests; only the Origin /
+    Sec-Fetch-Site check stands between it and a write. It posts a form and fires a fetch."""
+    target = _upload_url(stack, run_id, "same-site.txt")
+    page = (ATTACK.format(target=target).replace(
+        "<body", f"<script>fetch({target!r}.replace('same-site.txt', 'same-site-fetch.txt'), "
+        "{method: 'POST', mode: 'no-cors', credentials: 'include', body: 'planted'})</script>"
+        "<body", 1)).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(stack.settings.cert_file, stack.settings.key_file)  # valid for localhost
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_page_on_another_local_port_cannot_make_a_logged_in_browser_write(
         stack: RunningStack, run_id: str, evil_site: str) -> None:
     with chromium() as browser:
         context = _browser_context(browser, stack)
-        page = context.new_page()
-        page.goto(stack.url + "/", timeout=120_000)  # logged in: the browser has credentials
         attacker = context.new_page()
         refused: list[int] = []
         attacker.on("response", lambda r: refused.append(r.status)
@@ -97,6 +132,23 @@ def test_a_page_on_another_local_port_cannot_make_a_logged_in_browser_write(
             attacker.goto(evil_site)
     assert refused[-1] == 403, refused
     assert "cross-site.txt" not in _artifacts(stack, run_id)
+
+
+def test_a_page_on_another_port_of_the_same_host_over_https_cannot_make_a_signed_in_browser_write(
+        stack: RunningStack, run_id: str, same_site_evil_site: str) -> None:
+    with chromium() as browser:
+        context = _browser_context(browser, stack)
+        attacker = context.new_page()
+        statuses: list[int] = []
+        attacker.on("response", lambda r: statuses.append(r.status)
+                    if "upload-artifact" in r.url else None)
+        with attacker.expect_response(lambda r: "same-site.txt" in r.url, timeout=60_000):
+            attacker.goto(same_site_evil_site)
+        attacker.wait_for_timeout(1000)  # the fetch() too
+        sent = [r for r in context.cookies() if r["name"] == COOKIE]
+    assert sent, "the browser was signed in"
+    assert statuses and all(s in (401, 403) for s in statuses), statuses
+    assert not {"same-site.txt", "same-site-fetch.txt"} & _artifacts(stack, run_id)
 
 
 def test_the_servers_own_page_still_writes_in_the_browser(

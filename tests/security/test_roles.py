@@ -852,7 +852,7 @@ def test_failed_logins_are_audited(stack: RunningStack) -> None:
 def test_a_viewer_browses_the_ui_without_error_and_a_write_gets_the_clear_403(
     stack: RunningStack,
 ) -> None:
-    from ..browser import chromium
+    from ..browser import chromium, log_in
 
     admin = ("admin", stack.admin_password)
     name = f"viewed-{secrets_token()}"
@@ -876,9 +876,8 @@ def test_a_viewer_browses_the_ui_without_error_and_a_write_gets_the_clear_403(
         context: Any = browser.new_context(  # type: ignore[attr-defined]
             ignore_https_errors=True,
             viewport={"width": 1400, "height": 800},
-            http_credentials={"username": viewer[0], "password": viewer[1]},
         )
-        page = context.new_page()
+        page = log_in(context, stack.url, viewer[0], viewer[1])
         failed: list[str] = []
         page.on("response", lambda r: failed.append(f"{r.status} {r.request.method} {r.url}")
                 if r.status >= 400 else None)

@@ -23,6 +23,8 @@ ALIASES = {
     "MLFLOW_TRACKING_PASSWORD": "TRACKING_PASSWORD",
     "MLFLOW_TRACKING_SERVER_CERT_PATH": "TRACKING_SERVER_CERT_PATH",
     "MLFLOW_TRACKING_INSECURE_TLS": "TRACKING_INSECURE_TLS",
+    # An API token (`trackgate tokens create`), sent as Bearer instead of a password.
+    "MLFLOW_TRACKING_TOKEN": "TRACKING_TOKEN",
 }
 USER_ENV_FILE = Path("~/.config/trackgate/credentials.env")
 
@@ -38,12 +40,14 @@ class TrackingConfig:
     password: str | None = None
     cert_path: str | None = None
     insecure_tls: bool = False
+    token: str | None = None
 
-    def __repr__(self) -> str:  # never print the password
+    def __repr__(self) -> str:  # never print the password or token
         shown = "***" if self.password else None
         return (
             f"TrackingConfig(uri={self.uri!r}, username={self.username!r}, "
-            f"password={shown!r}, cert_path={self.cert_path!r})"
+            f"password={shown!r}, cert_path={self.cert_path!r}, "
+            f"token={'***' if self.token else None!r})"
         )
 
 
@@ -71,6 +75,7 @@ def resolve(env_file: str | Path | None = ".env") -> TrackingConfig:
         password=values.get("MLFLOW_TRACKING_PASSWORD"),
         cert_path=values.get("MLFLOW_TRACKING_SERVER_CERT_PATH"),
         insecure_tls=values.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true",
+        token=values.get("MLFLOW_TRACKING_TOKEN"),
     )
 
 
@@ -87,6 +92,7 @@ def configure(env_file: str | Path | None = ".env", *, require: bool = True) -> 
         ("MLFLOW_TRACKING_PASSWORD", config.password),
         ("MLFLOW_TRACKING_SERVER_CERT_PATH", config.cert_path),
         ("MLFLOW_TRACKING_INSECURE_TLS", "true" if config.insecure_tls else None),
+        ("MLFLOW_TRACKING_TOKEN", config.token),
     ):
         if value:
             os.environ[name] = value
@@ -118,12 +124,14 @@ def check(config: TrackingConfig, timeout: float = 15.0) -> CheckResult:
         return CheckResult(False, f"{config.uri} is not an http(s) URL of a tracking server")
     url = config.uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     auth = (config.username, config.password or "") if config.username else None
+    headers = {"Authorization": f"Bearer {config.token}"} if config.token and not auth else {}
     verify: bool | str = False if config.insecure_tls else (config.cert_path or True)
     try:
         with warnings.catch_warnings():  # insecure TLS was asked for explicitly: no nagging
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
             response = requests.get(
-                url, auth=auth, verify=verify, timeout=timeout, allow_redirects=False
+                url, auth=auth, headers=headers, verify=verify, timeout=timeout,
+                allow_redirects=False,
             )
     except requests.exceptions.SSLError as exc:
         if "mismatch" in str(exc):  # OpenSSL: "Hostname mismatch" / "IP address mismatch"
@@ -163,7 +171,7 @@ def check(config: TrackingConfig, timeout: float = 15.0) -> CheckResult:
 
 def _explain(status: int, response: requests.Response, config: TrackingConfig) -> CheckResult:
     if 200 <= status < 300:
-        who = config.username or "anonymous"
+        who = config.username or ("an API token" if config.token else "anonymous")
         return CheckResult(True, f"OK: {config.uri} accepts {who}")
     if status in (301, 302, 307, 308):
         return CheckResult(
@@ -172,11 +180,17 @@ def _explain(status: int, response: requests.Response, config: TrackingConfig) -
             "use that URL (https) as MLFLOW_TRACKING_URI",
         )
     if status == 401:
+        if config.token and not config.username:
+            return CheckResult(
+                False,
+                "401: the API token (MLFLOW_TRACKING_TOKEN) is unknown, revoked or expired; "
+                "ask an admin for a new one (`trackgate tokens create`)",
+            )
         if not config.username:
             return CheckResult(
                 False,
                 "the server wants a login: export MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD",
+                "and MLFLOW_TRACKING_PASSWORD (or an API token as MLFLOW_TRACKING_TOKEN)",
             )
         return CheckResult(
             False,

@@ -1181,6 +1181,9 @@ class Access:
             event["args"] = {k: str(v) for k, v in call.view_args.items()}
         if refused is not None:
             event["refused"] = refused
+        via = environ.get("HTTP_X_TRACKGATE_VIA")  # basic, session, token:NAME (the gateway's)
+        if via:
+            event["via"] = via
         self.audit.write(event)
 
 
