@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from .browser import chromium
+from .browser import chromium, log_in
 from .support import (
     RunningStack,
     clean_env,
@@ -191,17 +191,17 @@ def test_the_outer_proxy_names_the_real_client_to_the_throttle(prefixed: Prefixe
     assert f'"path": "{PREFIX}/api/2.0/mlflow/experiments/search"' in line
 
 
-def test_a_browser_uses_the_ui_and_writes_through_the_outer_site(prefixed: Prefixed) -> None:
+def test_a_browser_signs_in_uses_the_ui_and_writes_through_the_outer_site(
+        prefixed: Prefixed) -> None:
     with chromium() as browser:
-        context: Any = browser.new_context(  # type: ignore[attr-defined]
-            ignore_https_errors=True,
-            http_credentials={"username": "admin", "password": prefixed.stack.admin_password},
-        )
-        page = context.new_page()
+        context: Any = browser.new_context(ignore_https_errors=True)  # type: ignore[attr-defined]
         failed: list[str] = []
-        page.on("response", lambda r: failed.append(f"{r.status} {r.url}")
-                if r.status in (401, 403, 404, 429) or r.status >= 500 else None)
-        page.goto(f"{prefixed.outer}/#/experiments", timeout=120_000)
+        context.on("response", lambda r: failed.append(f"{r.status} {r.url}")
+                   if r.status in (401, 403, 404, 429) or r.status >= 500 else None)
+        # The login page, its form, its script and the way back all live under the prefix.
+        page = log_in(context, prefixed.outer, "admin", prefixed.stack.admin_password,
+                      path="/#/experiments")
+        assert page.url == f"{prefixed.outer}/#/experiments", page.url
         page.get_by_text("Default").first.wait_for(timeout=120_000)
         # A write from the UI's own page, as the UI sends it (relative URL, Origin header).
         status = page.evaluate(
@@ -213,3 +213,7 @@ def test_a_browser_uses_the_ui_and_writes_through_the_outer_site(prefixed: Prefi
         page.get_by_text("made-in-the-browser").first.wait_for(timeout=120_000)
         assert not [f for f in failed if PREFIX in f and "/ajax-api/" not in f
                     or f.startswith(("401", "403", "429", "5"))], failed
+        # Logout lands on the login page under the prefix too.
+        status = page.evaluate(
+            "fetch('logout', {method: 'POST'}).then(r => r.url)")
+        assert status.startswith(f"{prefixed.outer}/login"), status

@@ -143,6 +143,7 @@ class Gateway:
         self.session_max_age = settings.session_max_age
         self.origins = frozenset(settings.public_origins)
         self.local_users = settings.local_users
+        self.base = settings.base_path  # browsers see every path under it (TRACKGATE_BASE_PATH)
         self.provider = (oidc.Provider(settings)
                          if settings.oidc_issuer and settings.oidc_client_id else None)
         # Logins checked with bcrypt (not the cached ones: those are every request) go here.
@@ -342,8 +343,8 @@ class Gateway:
         headers = []
         method = environ.get("HTTP_X_ORIGINAL_METHOD") or "GET"
         if mode == "navigate" and method in ("GET", "HEAD"):
-            target = login.safe_next(environ.get("HTTP_X_ORIGINAL_URI"))
-            headers.append((LOGIN_HEADER, "/login?" + urlencode({"next": target})))
+            target = login.safe_next(environ.get("HTTP_X_ORIGINAL_URI"), self.base)
+            headers.append((LOGIN_HEADER, f"{self.base}/login?" + urlencode({"next": target})))
         return _answer(start_response, "401 Unauthorized", headers)
 
     # --- the login page, logout and who is logged in ------------------------------------------
@@ -356,11 +357,12 @@ class Gateway:
         if method in ("GET", "HEAD"):
             note = "You are logged out." if "logged_out" in query else None
             return self._login_page(start_response, "200 OK",
-                                    next_path=login.safe_next(query.get("next")), note=note)
+                                    next_path=login.safe_next(query.get("next"), self.base),
+                                    note=note)
         if method != "POST":
             return _answer(start_response, "405 Method Not Allowed", [("Allow", "GET, POST")])
         fields = login.form_fields(_read_body(environ, MAX_FORM))
-        next_path = login.safe_next(fields.get("next"))
+        next_path = login.safe_next(fields.get("next"), self.base)
         if not self.local_users:
             return self._login_page(start_response, "403 Forbidden", next_path=next_path,
                                     error="Passwords are switched off here: use single sign-on.")
@@ -393,7 +395,7 @@ class Gateway:
     def _login_page(self, start_response: StartResponse, status: str, *,
                     headers: list[tuple[str, str]] | None = None, **values: Any) -> list[bytes]:
         provider = self.provider.name if self.provider is not None else None
-        body = login.page(provider=provider, passwords=self.local_users, **values)
+        body = login.page(provider=provider, passwords=self.local_users, base=self.base, **values)
         return _page(start_response, status, body, headers)
 
     def sign_on_start(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
@@ -402,7 +404,7 @@ class Gateway:
         if self.provider is None:
             return _answer(start_response, "404 Not Found")
         next_path = login.safe_next(login.form_fields(
-            environ.get("QUERY_STRING", "").encode()).get("next"))
+            environ.get("QUERY_STRING", "").encode()).get("next"), self.base)
         try:
             url, state, nonce, verifier = self.provider.start()
         except oidc.OIDCError as exc:
@@ -466,7 +468,7 @@ class Gateway:
                            b"this server's own page.\n")
         self._end_session(environ)
         return _answer(start_response, "303 See Other", [
-            ("Location", "/login?logged_out=1"), ("Set-Cookie", clear_cookie()),
+            ("Location", f"{self.base}/login?logged_out=1"), ("Set-Cookie", clear_cookie()),
             ("Cache-Control", "no-store")])
 
     def mlflow_ui_logout(self, environ: dict[str, Any],

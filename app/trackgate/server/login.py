@@ -41,17 +41,19 @@ CSP = (f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; script-src 'self'
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
-def safe_next(target: str | None) -> str:
+def safe_next(target: str | None, base: str = "") -> str:
     """A path on this server to go back to after login; anything else (another host, a scheme,
-    `//host`, backslashes browsers read as slashes, control characters) becomes `/`."""
+    `//host`, backslashes browsers read as slashes, control characters) becomes the home page
+    (`base`/, base being TRACKGATE_BASE_PATH)."""
+    home = base + "/"
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
-        return "/"
+        return home
     if any(c in target for c in "\\\r\n\t") or any(ord(c) < 0x20 or ord(c) == 0x7F
                                                    for c in target):
-        return "/"
+        return home
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
-        return "/"
+        return home
     return target
 
 
@@ -65,7 +67,10 @@ def form_fields(body: bytes) -> dict[str, str]:
 
 
 def page(*, next_path: str = "/", username: str = "", error: str | None = None,
-         note: str | None = None, provider: str | None = None, passwords: bool = True) -> bytes:
+         note: str | None = None, provider: str | None = None, passwords: bool = True,
+         base: str = "") -> bytes:
+    """The login page; `base` (TRACKGATE_BASE_PATH) prefixes every path it names, since the
+    browser sees trackgate under it."""
     message = ""
     if error:
         message = f'<p class="error" role="alert">{escape(error)}</p>'
@@ -73,12 +78,12 @@ def page(*, next_path: str = "/", username: str = "", error: str | None = None,
         message = f'<p class="note">{escape(note)}</p>'
     sign_on = ""
     if provider is not None:
-        target = "/login/oidc?" + urlencode({"next": next_path})
+        target = f"{base}/login/oidc?" + urlencode({"next": next_path})
         sign_on = (f'<p><a class="sso" href="{escape(target)}">Sign in with '
                    f'{escape(provider)}</a></p>')
         if passwords:
             sign_on += "<p class=\"or\">or with your password:</p>"
-    form = f"""<form method="post" action="/login">
+    form = f"""<form method="post" action="{base}/login">
 <input type="hidden" name="next" value="{escape(next_path)}">
 <label for="username">Username</label>
 <input id="username" name="username" autocomplete="username" required value="{escape(username)}"
@@ -92,6 +97,6 @@ def page(*, next_path: str = "/", username: str = "", error: str | None = None,
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>Sign in - trackgate</title><style>{STYLE}</style></head>
 <body><main><h1>Sign in to MLflow</h1>{message}
-{sign_on}{form}</main><script src="{SCRIPT_PATH}"></script></body></html>
+{sign_on}{form}</main><script src="{base}{SCRIPT_PATH}"></script></body></html>
 """
     return html.encode()
