@@ -202,3 +202,22 @@ def test_disk_backup_and_certificate_figures(stack: RunningStack, tmp_path: Path
     cert = x509.load_pem_x509_certificate(stack.settings.cert_file.read_bytes())
     assert value(samples, "trackgate_tls_certificate_expiry_timestamp_seconds") == (
         cert.not_valid_after_utc.timestamp())
+
+
+def test_sessions_and_api_tokens_in_use_are_counted(stack: RunningStack) -> None:
+    from .test_signin import log_in
+    from .test_tokens import create, tokens
+
+    name, password = stack.new_user("metered")
+    before = gateway(stack)
+
+    def delta(samples: Samples, metric: str) -> float:
+        return value(samples, metric) - value(before, metric)
+
+    assert log_in(stack, name, password, source_ip=fresh_source_ip()).status_code == 303
+    create(stack, name, "ci")
+    create(stack, name, "nightly")
+    assert tokens(stack, "revoke", "--user", name, "--name", "nightly").returncode == 0
+    after = gateway(stack)
+    assert delta(after, "trackgate_sessions_active") == 1
+    assert delta(after, "trackgate_api_tokens_active") == 1

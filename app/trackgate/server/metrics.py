@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..settings import Settings
+from ..tokens import TokenStore
+from ..users import UserError
+from .sessions import SessionStore
 
 _log = logging.getLogger("trackgate.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -263,6 +267,15 @@ class HostCollector:
                          "When the last backup finished (Unix time).", status.get("finished", 0))
             yield _gauge(GaugeMetricFamily, "trackgate_backup_last_size_bytes",
                          "Size of the last backup archive.", status.get("size", 0))
+        if s.sessions_db.exists():
+            with contextlib.suppress(OSError, sqlite3.Error):
+                live = SessionStore(s.sessions_db, s.session_idle_timeout, s.session_max_age).live()
+                yield _gauge(GaugeMetricFamily, "trackgate_sessions_active",
+                             "Browser sessions alive now (login page, single sign-on).", live)
+        with contextlib.suppress(OSError, UserError):
+            tokens = [t for t in TokenStore(s.tokens_file).tokens() if not t.expired()]
+            yield _gauge(GaugeMetricFamily, "trackgate_api_tokens_active",
+                         "API tokens neither expired nor revoked.", len(tokens))
         expiry = _certificate_expiry(s.cert_file)
         if expiry is not None:
             yield _gauge(GaugeMetricFamily, "trackgate_tls_certificate_expiry_timestamp_seconds",

@@ -160,6 +160,13 @@ class SessionStore:
     def count(self) -> int:
         return int(self._db().execute("SELECT count(*) FROM sessions").fetchone()[0])
 
+    def live(self) -> int:
+        """Sessions neither idle too long nor too old (expired rows wait for housekeeping)."""
+        now = time.time()
+        return int(self._db().execute(
+            "SELECT count(*) FROM sessions WHERE created >= ? AND seen >= ?",
+            (now - self.max_age, now - self.idle)).fetchone()[0])
+
 
 def cookie_value(cookie_header: str | None, cookie: str = COOKIE) -> str | None:
     """The session id from a Cookie header (the first one named COOKIE), or None."""
