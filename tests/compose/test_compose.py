@@ -137,7 +137,9 @@ def test_compose_files_are_valid_and_only_nginx_publishes_ports_on_loopback(
     for name in ("tracking", "gateway"):
         assert config[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
     read_only = {v["target"] for v in config["nginx"]["volumes"] if v.get("read_only")}
-    assert read_only == {"/var/lib/trackgate/run", "/var/lib/trackgate/tls"}
+    # artifacts: nginx sends downloads itself once the tracking server decided (issue 18)
+    assert read_only == {"/var/lib/trackgate/run", "/var/lib/trackgate/tls",
+                         "/var/lib/trackgate/artifacts"}
     # Every service, the backup one included, logs through the runtime with rotation.
     every = json.loads(project.run("--profile", "backup", "config", "--format", "json").stdout)
     assert "backup" in every["services"]

@@ -75,3 +75,64 @@ def _error_log(settings: Settings, name: str) -> str:
 
 def _access_log(settings: Settings, name: str) -> str:
     return "-" if settings.logs is None else str(settings.logs / f"{name}-access.log")
+
+
+class _HeadWithBody:
+    """A response's socket that holds the header block until the first body bytes, so both
+    leave in one send.
+
+    gunicorn writes the headers and the body with two sendall() calls; between them another
+    thread may hold the GIL for milliseconds. A tracking server killed in that gap leaves nginx
+    with a header and no body: too late to retry on another server (nginx has answered the
+    client), so the client sees a cut response. Sent together, a kill either loses the whole
+    answer (nginx retries it elsewhere) or none of it (issue 16, a server killed under load).
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._head: bytes | None = None
+        self._held = False
+
+    def sendall(self, data: bytes) -> None:
+        if not self._held:  # the first write is gunicorn's header block
+            self._held, self._head = True, bytes(data)
+            return
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        self._sock.sendall(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._sock.sendall(head)
+
+    def fileno(self) -> int:  # sendfile() writes past us: the header goes first
+        self.flush()
+        return int(self._sock.fileno())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def send_head_with_body() -> None:
+    """Make every gunicorn response of this process send its header block with its first body
+    bytes (see _HeadWithBody). Called before the workers fork."""
+    from gunicorn.http import wsgi
+
+    if getattr(wsgi.Response, "_trackgate_head_with_body", False):
+        return
+    send_headers, close = wsgi.Response.send_headers, wsgi.Response.close
+
+    def held_send_headers(self: Any) -> None:
+        if not self.headers_sent and not isinstance(self.sock, _HeadWithBody):
+            self.sock = _HeadWithBody(self.sock)
+        send_headers(self)
+
+    def flushing_close(self: Any) -> None:
+        close(self)
+        if isinstance(self.sock, _HeadWithBody):
+            self.sock.flush()  # a response with no body (204, 304, HEAD)
+
+    wsgi.Response.send_headers = held_send_headers
+    wsgi.Response.close = flushing_close
+    wsgi.Response._trackgate_head_with_body = True

@@ -15,7 +15,7 @@ from .. import database
 from ..provision import KEK_PASSPHRASE_ENV, ensure_kek_passphrase
 from ..settings import Settings
 from . import objectstore, proxyauth
-from .gunicorn import GunicornApp, tracking_options
+from .gunicorn import GunicornApp, send_head_with_body, tracking_options
 
 
 def mlflow_environment(settings: Settings) -> dict[str, str]:
@@ -90,6 +90,7 @@ def run(settings: Settings) -> None:
         secret = proxyauth.read_secret(settings.proxy_secret_file)
         load = lambda: proxyauth.RequireProxy(_load_mlflow(settings), secret)  # noqa: E731
     try:
+        send_head_with_body()  # a killed server never leaves nginx a cut answer
         GunicornApp(load, tracking_options(settings)).run()
     finally:
         metrics.remove_multiprocess_dir()
