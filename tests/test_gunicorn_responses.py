@@ -17,6 +17,12 @@ class _Socket:
     def sendall(self, data: bytes) -> None:
         self.sends.append(bytes(data))
 
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        file.seek(offset)
+        data = file.read(count)
+        self.sends.append(data)
+        return len(data)
+
 
 def _response(method: str) -> tuple[Any, _Socket]:
     send_head_with_body()
@@ -53,3 +59,18 @@ def test_a_chunked_response_sends_every_chunk_and_the_end() -> None:
     joined = b"".join(sock.sends)
     assert b"\r\n\r\n5\r\nfirst\r\n" in joined and joined.endswith(b"6\r\nsecond\r\n0\r\n\r\n")
     assert len(sock.sends) == 3  # header + first chunk together, then the second, then the end
+
+
+def test_a_file_sent_with_sendfile_follows_its_header(tmp_path: Any) -> None:
+    from gunicorn.http.wsgi import FileWrapper
+
+    path = tmp_path / "index.html"
+    path.write_bytes(b"<html></html>")
+    response, sock = _response("GET")
+    response.cfg = SimpleNamespace(is_ssl=False, sendfile=True)
+    response.start_response("200 OK", [("Content-Length", "13")])
+    with path.open("rb") as file:
+        response.write_file(FileWrapper(file))
+    response.close()
+    joined = b"".join(sock.sends)
+    assert joined.startswith(b"HTTP/1.1 200 OK\r\n") and joined.endswith(b"\r\n\r\n<html></html>")

@@ -106,11 +106,10 @@ class _HeadWithBody:
             head, self._head = self._head, None
             self._sock.sendall(head)
 
-    def fileno(self) -> int:  # sendfile() writes past us: the header goes first
-        self.flush()
-        return int(self._sock.fileno())
-
     def __getattr__(self, name: str) -> Any:
+        # Anything else (sendfile() for static files, fileno()...) may write past us: the
+        # header goes first.
+        self.flush()
         return getattr(self._sock, name)
 
 
