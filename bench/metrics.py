@@ -33,41 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from trackgate.local.stack import running_pid
 
 from tests.support import RunningStack, running_stack
 
-from . import cpu, report
+from . import report
 from . import targets as tg
 
 VARIANTS = ("on", "off")
 MIN_BLOCKS = 20
 SCRAPE_EVERY = 5.0
-
-
-def _clients(stacks: dict[str, RunningStack], work: Path, password: str) -> dict[str, Any]:
-    bundle = work / "ca-bundle.pem"
-    bundle.write_text("".join(s.ca.read_text() for s in stacks.values()))
-    for running in stacks.values():
-        running.users.add(tg.USER, password)
-    os.environ.update(MLFLOW_TRACKING_USERNAME=tg.USER, MLFLOW_TRACKING_PASSWORD=password,
-                      MLFLOW_TRACKING_SERVER_CERT_PATH=str(bundle),
-                      MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="60")
-    from mlflow import MlflowClient
-
-    clients = {}
-    for name, running in stacks.items():
-        client = MlflowClient(tracking_uri=running.url)
-        run_id = client.create_run(client.create_experiment(f"bench-{name}")).info.run_id
-        for step in range(20):  # warm: the credential cache, connections, MLflow's caches
-            client.log_metric(run_id, "warmup", 0.0, step=step)
-        clients[name] = (client, run_id)
-    return clients
-
-
-def _server_cpu(stacks: dict[str, RunningStack], name: str) -> float:
-    used = cpu.snapshot(running_pid(stacks[name].settings), [], None)
-    return sum(v for k, v in used.items() if k != "machine")
 
 
 def _scraper(urls: list[str], stop: threading.Event, scraped: list[int]) -> None:
@@ -91,12 +65,12 @@ def measure(stacks: dict[str, RunningStack], clients: dict[str, Any], blocks: in
         order = VARIANTS if block % 2 == 0 else VARIANTS[::-1]
         for name in order:
             client, run_id = clients[name]
-            before = _server_cpu(stacks, name)
+            before = tg.server_cpu(stacks, name)
             began = time.perf_counter()
             for i in range(calls):
                 client.log_metric(run_id, "loss", 1.0 / (step + i + 1), step=step + i)
             elapsed = time.perf_counter() - began
-            cpu_s[name] += _server_cpu(stacks, name) - before
+            cpu_s[name] += tg.server_cpu(stacks, name) - before
             done[name] += calls
             rates[name].append(calls / elapsed)
         step += calls
@@ -154,7 +128,7 @@ def main() -> None:
             stacks = {name: stack.enter_context(running_stack(
                 work / name, bcrypt_rounds=tg.BCRYPT_ROUNDS, metrics=name == "on"))
                 for name in VARIANTS}
-            clients = _clients(stacks, work, os.urandom(12).hex())
+            clients = tg.mlflow_clients(stacks, work, os.urandom(12).hex())
             scraper = threading.Thread(target=_scraper, daemon=True, args=(
                 list(stacks["on"].settings.metrics_urls.values()), stop, scraped))
             scraper.start()

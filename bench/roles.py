@@ -33,11 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trackgate.local.stack import running_pid
-
 from tests.support import RunningStack, patched_environ, running_stack
 
-from . import cpu, report
+from . import report
 from . import targets as tg
 
 VARIANTS = ("on", "private", "off")
@@ -83,34 +81,6 @@ def _stacks(stack: contextlib.ExitStack, work: Path) -> tuple[dict[str, RunningS
     return stacks, made.json()["experiment_id"]
 
 
-def _clients(stacks: dict[str, RunningStack], work: Path, password: str) -> dict[str, Any]:
-    """One MlflowClient per stack, with its own run; one CA bundle and user for all."""
-    bundle = work / "ca-bundle.pem"
-    bundle.write_text("".join(s.ca.read_text() for s in stacks.values()))
-    for running in stacks.values():
-        running.users.add(tg.USER, password)
-    os.environ.update(MLFLOW_TRACKING_USERNAME=tg.USER, MLFLOW_TRACKING_PASSWORD=password,
-                      MLFLOW_TRACKING_SERVER_CERT_PATH=str(bundle),
-                      MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="60")
-    from mlflow import MlflowClient
-
-    clients = {}
-    for name, running in stacks.items():
-        client = MlflowClient(tracking_uri=running.url)
-        experiment = client.create_experiment(f"bench-{name}")
-        run_id = client.create_run(experiment).info.run_id
-        for step in range(20):  # warm: the credential cache, connections, MLflow's caches
-            client.log_metric(run_id, "warmup", 0.0, step=step)
-        clients[name] = (client, run_id)
-    return clients
-
-
-def _server_cpu(stacks: dict[str, RunningStack], name: str) -> float:
-    pid = running_pid(stacks[name].settings)
-    used = cpu.snapshot(pid, [], None)
-    return sum(v for k, v in used.items() if k != "machine")
-
-
 def measure(stacks: dict[str, RunningStack], clients: dict[str, Any], blocks: int, calls: int,
             max_seconds: float) -> dict[str, Any]:
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -125,12 +95,12 @@ def measure(stacks: dict[str, RunningStack], clients: dict[str, Any], blocks: in
         order = VARIANTS[block % 3:] + VARIANTS[:block % 3]
         for name in order:
             client, run_id = clients[name]
-            before = _server_cpu(stacks, name)
+            before = tg.server_cpu(stacks, name)
             began = time.perf_counter()
             for i in range(calls):
                 client.log_metric(run_id, "loss", 1.0 / (step + i + 1), step=step + i)
             elapsed = time.perf_counter() - began
-            cpu_s[name] += _server_cpu(stacks, name) - before
+            cpu_s[name] += tg.server_cpu(stacks, name) - before
             done[name] += calls
             rates[name].append(calls / elapsed)
         step += calls
@@ -201,7 +171,7 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             stacks, private_id = _stacks(stack, work)
             password = os.urandom(12).hex()
-            clients = _clients(stacks, work, password)
+            clients = tg.mlflow_clients(stacks, work, password)
             print(f"stacks and clients up after {time.monotonic() - began:.0f} s", flush=True)
             result = measure(stacks, clients, max(args.blocks, MIN_BLOCKS), args.calls,
                              args.max_seconds)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from trackgate import tls
@@ -32,6 +33,8 @@ from trackgate.settings import Settings
 from trackgate.users import HtpasswdStore
 
 from tests.support import RunningStack, clean_env, free_port, running_stack
+
+from . import cpu
 
 BCRYPT_ROUNDS = 12
 START_TIMEOUT = 90.0
@@ -285,3 +288,31 @@ def cache_auth_answers(target: Target) -> None:
     settings.nginx_conf.write_text(text)
     tg_nginx.reload(settings)
     time.sleep(1.5)
+
+
+def mlflow_clients(stacks: dict[str, RunningStack], work: Path, password: str) -> dict[str, Any]:
+    """One MlflowClient per stack, with its own run; one CA bundle and user for all."""
+    bundle = work / "ca-bundle.pem"
+    bundle.write_text("".join(s.ca.read_text() for s in stacks.values()))
+    for running in stacks.values():
+        running.users.add(USER, password)
+    os.environ.update(MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=password,
+                      MLFLOW_TRACKING_SERVER_CERT_PATH=str(bundle),
+                      MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="60")
+    from mlflow import MlflowClient
+
+    clients = {}
+    for name, running in stacks.items():
+        client = MlflowClient(tracking_uri=running.url)
+        experiment = client.create_experiment(f"bench-{name}")
+        run_id = client.create_run(experiment).info.run_id
+        for step in range(20):  # warm: the credential cache, connections, MLflow's caches
+            client.log_metric(run_id, "warmup", 0.0, step=step)
+        clients[name] = (client, run_id)
+    return clients
+
+
+def server_cpu(stacks: dict[str, RunningStack], name: str) -> float:
+    pid = running_pid(stacks[name].settings)
+    used = cpu.snapshot(pid, [], None)
+    return sum(v for k, v in used.items() if k != "machine")
