@@ -51,33 +51,6 @@ def _scraper(urls: list[str], stop: threading.Event, scraped: list[int]) -> None
             scraped[0] += 1
 
 
-def measure(stacks: dict[str, RunningStack], clients: dict[str, Any], blocks: int, calls: int,
-            max_seconds: float) -> dict[str, Any]:
-    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    cpu_s = dict.fromkeys(VARIANTS, 0.0)
-    done = dict.fromkeys(VARIANTS, 0)
-    loads = [os.getloadavg()[0]]
-    deadline = time.monotonic() + max_seconds
-    step = 0
-    for block in range(blocks):
-        if block >= MIN_BLOCKS and time.monotonic() > deadline:
-            break
-        order = VARIANTS if block % 2 == 0 else VARIANTS[::-1]
-        for name in order:
-            client, run_id = clients[name]
-            before = tg.server_cpu(stacks, name)
-            began = time.perf_counter()
-            for i in range(calls):
-                client.log_metric(run_id, "loss", 1.0 / (step + i + 1), step=step + i)
-            elapsed = time.perf_counter() - began
-            cpu_s[name] += tg.server_cpu(stacks, name) - before
-            done[name] += calls
-            rates[name].append(calls / elapsed)
-        step += calls
-        loads.append(os.getloadavg()[0])
-    return {"rates": rates, "cpu_s": cpu_s, "calls": done, "loads": loads}
-
-
 def render(result: dict[str, Any]) -> str:
     rates, cpu_s, done = result["rates"], result["cpu_s"], result["calls"]
     ratios = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
@@ -133,8 +106,8 @@ def main() -> None:
                 list(stacks["on"].settings.metrics_urls.values()), stop, scraped))
             scraper.start()
             print(f"stacks and clients up after {time.monotonic() - began:.0f} s", flush=True)
-            result = measure(stacks, clients, max(args.blocks, MIN_BLOCKS), args.calls,
-                             args.max_seconds)
+            result = tg.measure_log_metric(stacks, clients, VARIANTS, args.blocks, args.calls,
+                                           args.max_seconds, min_blocks=MIN_BLOCKS)
             stop.set()
             scraper.join()
             result["scrapes"] = scraped[0]

@@ -81,33 +81,6 @@ def _stacks(stack: contextlib.ExitStack, work: Path) -> tuple[dict[str, RunningS
     return stacks, made.json()["experiment_id"]
 
 
-def measure(stacks: dict[str, RunningStack], clients: dict[str, Any], blocks: int, calls: int,
-            max_seconds: float) -> dict[str, Any]:
-    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    cpu_s = dict.fromkeys(VARIANTS, 0.0)
-    done = dict.fromkeys(VARIANTS, 0)
-    loads = [os.getloadavg()[0]]
-    deadline = time.monotonic() + max_seconds
-    step = 0
-    for block in range(blocks):
-        if block >= MIN_BLOCKS and time.monotonic() > deadline:
-            break
-        order = VARIANTS[block % 3:] + VARIANTS[:block % 3]
-        for name in order:
-            client, run_id = clients[name]
-            before = tg.server_cpu(stacks, name)
-            began = time.perf_counter()
-            for i in range(calls):
-                client.log_metric(run_id, "loss", 1.0 / (step + i + 1), step=step + i)
-            elapsed = time.perf_counter() - began
-            cpu_s[name] += tg.server_cpu(stacks, name) - before
-            done[name] += calls
-            rates[name].append(calls / elapsed)
-        step += calls
-        loads.append(os.getloadavg()[0])
-    return {"rates": rates, "cpu_s": cpu_s, "calls": done, "loads": loads}
-
-
 def _quartiles(values: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(values, n=4)
     return q[0], q[2]
@@ -173,8 +146,8 @@ def main() -> None:
             password = os.urandom(12).hex()
             clients = tg.mlflow_clients(stacks, work, password)
             print(f"stacks and clients up after {time.monotonic() - began:.0f} s", flush=True)
-            result = measure(stacks, clients, max(args.blocks, MIN_BLOCKS), args.calls,
-                             args.max_seconds)
+            result = tg.measure_log_metric(stacks, clients, VARIANTS, args.blocks, args.calls,
+                                           args.max_seconds, min_blocks=MIN_BLOCKS)
             _check_variants(stacks, private_id, password)
     finally:
         for name in VARIANTS:

@@ -316,3 +316,33 @@ def server_cpu(stacks: dict[str, RunningStack], name: str) -> float:
     pid = running_pid(stacks[name].settings)
     used = cpu.snapshot(pid, [], None)
     return sum(v for k, v in used.items() if k != "machine")
+
+
+def measure_log_metric(stacks: dict[str, RunningStack], clients: dict[str, Any],
+                       variants: tuple[str, ...], blocks: int, calls: int, max_seconds: float,
+                       min_blocks: int = 20) -> dict[str, Any]:
+    """log_metric through each stack in turn, block by block (the order rotating), at least
+    min_blocks blocks, then until max_seconds: calls/s per block, server CPU, 1-min loads."""
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_s = dict.fromkeys(variants, 0.0)
+    done = dict.fromkeys(variants, 0)
+    loads = [os.getloadavg()[0]]
+    deadline = time.monotonic() + max_seconds
+    step = 0
+    for block in range(max(blocks, min_blocks)):
+        if block >= min_blocks and time.monotonic() > deadline:
+            break
+        order = variants[block % len(variants):] + variants[:block % len(variants)]
+        for name in order:
+            client, run_id = clients[name]
+            before = server_cpu(stacks, name)
+            began = time.perf_counter()
+            for i in range(calls):
+                client.log_metric(run_id, "loss", 1.0 / (step + i + 1), step=step + i)
+            elapsed = time.perf_counter() - began
+            cpu_s[name] += server_cpu(stacks, name) - before
+            done[name] += calls
+            rates[name].append(calls / elapsed)
+        step += calls
+        loads.append(os.getloadavg()[0])
+    return {"rates": rates, "cpu_s": cpu_s, "calls": done, "loads": loads}

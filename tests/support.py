@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -28,10 +29,28 @@ from trackgate.users import HtpasswdStore
 _source_counter = itertools.count(2)
 
 
+# Below Linux's ephemeral range (32768-60999): a port the kernel hands out for port 0 is also
+# what it gives the next outgoing connection, so a test's port could be taken by another
+# process's connection (ansible, docker) before the stack binds it.
+_PORTS = range(20000, 32768)
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on every address now, never given before in this process."""
+    for _ in range(1000):
+        port = random.choice(_PORTS)
+        if port in _given:
+            continue
+        try:
+            for address in ("0.0.0.0", "127.0.0.1"):
+                with socket.socket() as sock:
+                    sock.bind((address, port))
+        except OSError:
+            continue
+        _given.add(port)
+        return port
+    raise RuntimeError("no free port found in 20000-32767")
 
 
 def fresh_source_ip() -> str:

@@ -17,6 +17,7 @@ import jinja2
 
 from . import accounts
 from .settings import Settings
+from .shipped import shipped_dir
 
 SITE_TEMPLATE = "trackgate.conf.j2"
 MAIN_TEMPLATE = "nginx.conf.j2"
@@ -28,12 +29,7 @@ class NginxError(RuntimeError):
 
 
 def template_dir() -> Path:
-    """Templates ship inside the wheel as trackgate/nginx; a checkout has them at the top."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "nginx", here.parents[1] / "nginx"):
-        if (candidate / SITE_TEMPLATE).is_file():
-            return candidate
-    raise FileNotFoundError(f"nginx templates not found next to {here}")
+    return shipped_dir("nginx", SITE_TEMPLATE)
 
 
 @dataclass

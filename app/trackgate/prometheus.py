@@ -9,18 +9,15 @@ from typing import Any
 
 import jinja2
 
+from .shipped import shipped_dir
+
 CONFIG_TEMPLATE = "prometheus.yml.j2"
 RULES_TEMPLATE = "alerts.yml.j2"
 COMPONENTS = ("tracking", "gateway", "nginx")
 
 
 def template_dir() -> Path:
-    """The wheel carries monitoring/ as trackgate/monitoring; a checkout has it at the top."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "monitoring", here.parents[1] / "monitoring"):
-        if (candidate / CONFIG_TEMPLATE).is_file():
-            return candidate
-    raise FileNotFoundError(f"monitoring templates not found next to {here}")
+    return shipped_dir("monitoring", CONFIG_TEMPLATE)
 
 
 def _render(name: str, **values: Any) -> str:

@@ -10,6 +10,7 @@ import http.server
 import ssl
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -50,10 +51,9 @@ def _artifacts(stack: RunningStack, run: str) -> set[str]:
     return {f["path"] for f in listed.json().get("files", [])}
 
 
-@pytest.fixture(scope="module")
-def evil_site(stack: RunningStack, run_id: str) -> Iterator[str]:
-    """A page on another port of this host (same site, other origin): http://127.0.0.1:PORT."""
-    page = ATTACK.format(target=_upload_url(stack, run_id, "cross-site.txt")).encode()
+@contextmanager
+def _serve_page(page: bytes, tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """The attacker's page, served on a free port of this host (over TLS if given); its port."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
@@ -67,13 +67,24 @@ def evil_site(stack: RunningStack, run_id: str) -> Iterator[str]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def evil_site(stack: RunningStack, run_id: str) -> Iterator[str]:
+    """A page on another port of this host (same site, other origin): http://127.0.0.1:PORT."""
+    page = ATTACK.format(target=_upload_url(stack, run_id, "cross-site.txt")).encode()
+
+    with _serve_page(page) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 def _browser_context(browser: Any, stack: RunningStack) -> Any:
@@ -95,28 +106,10 @@ def same_site_evil_site(stack: RunningStack, run_id: str) -> Iterator[str]:
         "{method: 'POST', mode: 'no-cors', credentials: 'include', body: 'planted'})</script>"
         "<body", 1)).encode()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(stack.settings.cert_file, stack.settings.key_file)  # valid for localhost
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://localhost:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serve_page(page, tls) as port:
+        yield f"https://localhost:{port}/"
 
 
 def test_a_page_on_another_local_port_cannot_make_a_logged_in_browser_write(
