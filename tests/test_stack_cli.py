@@ -242,3 +242,22 @@ def test_a_normal_user_cannot_take_privileged_ports(nobodys_dir: Path) -> None:
     )
     assert result.returncode == 1
     assert "needs root" in result.stderr
+
+
+def test_nginx_site_with_the_proxy_secret_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The site carries the secret nginx adds to every request to the tracking servers: another
+    local account must not read it, also when an older trackgate left it world-readable."""
+    secret = tmp_path / "proxy-secret"
+    secret.write_text("s3cr3t-for-the-test-only-0123456789abcdef\n")
+    secret.chmod(0o600)
+    site = tmp_path / "site" / "trackgate.conf"
+    env = {"TRACKGATE_DATA_DIR": str(tmp_path / "data"), "TRACKGATE_INTERNAL_TRANSPORT": "tcp",
+           "TRACKGATE_PROXY_SECRET_FILE": str(secret)}
+    first = trackgate("nginx-site", str(site), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "s3cr3t-for-the-test-only-0123456789abcdef" in site.read_text()
+    assert site.stat().st_mode & 0o777 == 0o600
+    site.chmod(0o644)
+    again = trackgate("nginx-site", str(site), env=env)
+    assert again.returncode == 0 and again.stdout.startswith("changed"), again.stdout
+    assert site.stat().st_mode & 0o777 == 0o600

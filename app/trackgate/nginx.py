@@ -159,18 +159,25 @@ def render_serving_location(name: str, upstream: str) -> str:
     return template.render(tg=ServingContext(name, upstream))
 
 
-def write_if_changed(path: Path, text: str, *, check: bool = False) -> bool:
-    """Write atomically when the content differs; True if it differed. `check`: only compare."""
+def write_if_changed(path: Path, text: str, *, check: bool = False, mode: int = 0o600) -> bool:
+    """Write atomically when the content differs (or its mode does); True if it differed.
+    `check`: only compare. The site and nginx.conf hold the proxy secret, so by default only
+    their owner reads them: root for the system nginx (Ansible), the service account that runs
+    `trackgate up`'s nginx, the uid of compose's nginx; never a file other local accounts read."""
     try:
-        if path.read_text(encoding="utf-8") == text:
+        if path.read_text(encoding="utf-8") == text and path.stat().st_mode & 0o777 == mode:
             return False
     except FileNotFoundError:
         pass
     if not check:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
+        # Created with the mode: the secret is never readable by others, not even briefly.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(tmp, mode)  # past the umask
         os.replace(tmp, path)
     return True
 

@@ -142,7 +142,8 @@ def files_have_strict_modes(deployment: Deployment) -> None:
         "/var/lib/trackgate/tls/server.key": ("trackgate", "trackgate", 0o600),
         "/var/lib/trackgate/tls/ca-key/ca.key": ("trackgate", "trackgate", 0o600),
         "/var/lib/trackgate": ("trackgate", "trackgate", 0o750),
-        "/etc/nginx/conf.d/trackgate.conf": ("root", "root", 0o644),
+        # It holds the proxy secret: root's alone (nginx's master reads it as root).
+        "/etc/nginx/conf.d/trackgate.conf": ("root", "root", 0o600),
     }
     for path, (user, group, mode) in expected.items():
         f = h.file(path)

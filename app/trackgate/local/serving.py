@@ -102,7 +102,7 @@ def scoring_server(
 
 def publish(settings: Settings, name: str, upstream: str) -> Path:
     path = location_file(settings, name)
-    nginx.write_if_changed(path, nginx.render_serving_location(name, upstream))
+    nginx.write_if_changed(path, nginx.render_serving_location(name, upstream), mode=0o644)
     try:
         nginx.reload(settings)
     except nginx.NginxError:
