@@ -374,13 +374,14 @@ class Writers:
     """Threads that log one metric after another through the proxy, each in its own run,
     counting every failed call; `check()` reads every run's history back."""
 
-    def __init__(self, stack: Stack, name: str, count: int) -> None:
+    def __init__(self, stack: Stack, name: str, count: int, pause: float = 0.0) -> None:
         self.stack, self.api = stack, f"{stack.proxy.url}/api/2.0/mlflow"
         session = stack.proxy.session(ALICE)
         exp = session.post(f"{self.api}/experiments/create", json={"name": name}, timeout=30)
         assert exp.status_code == 200, exp.text
         self.experiment_id = exp.json()["experiment_id"]
         self.stop, self.lock = threading.Event(), threading.Lock()
+        self.pause = pause  # between calls: a steady client, not one that starves the machine
         self.failures: list[str] = []
         self.logged: dict[str, int] = {}
         self.live = 0  # metrics stored so far, all threads together
@@ -405,6 +406,7 @@ class Writers:
                         self.live += 1
             except requests.RequestException as exc:
                 self.failures.append(repr(exc))
+            self.stop.wait(self.pause)
         self.logged[run] = step
 
     def __enter__(self) -> Writers:
@@ -434,7 +436,7 @@ def test_rolling_upgrade_under_writers_costs_no_call(stack: Stack) -> None:
     """A setting of the tracking hosts changes: deploy.yml restarts their servers one host at a
     time, each answering again before the next, while two writers log metrics."""
     stack.tracking_overrides = {"trackgate_settings": ROLLING_SETTINGS}
-    with Writers(stack, "multihost-rolling", 2) as writers:
+    with Writers(stack, "multihost-rolling", 2, pause=0.05) as writers:
         rolled = stack.playbook().assert_ok()
     writers.check()
     steps = [(name, host) for name, host, result in task_hosts(rolled)
