@@ -797,7 +797,8 @@ def db_backup(output: Path | None, **values: Any) -> None:
 
 # --- backup and restore (see backup.py) -------------------------------------------------------
 
-BACKUP_OPTIONS = ("data_dir", "backend_store_uri", "artifacts_destination", "htpasswd_path")
+BACKUP_OPTIONS = ("data_dir", "backend_store_uri", "artifacts_destination", "htpasswd_path",
+                  "s3_endpoint_url", "s3_credentials_file")
 
 
 def _say(message: str) -> None:
@@ -834,8 +835,9 @@ def _say(message: str) -> None:
 def backup_cmd(
     output: Path | None, verify_archive: Path | None, keep: int | None, **values: Any
 ) -> None:
-    """One archive of the database, artifacts, users, TLS files, secrets and settings, consistent
-    while clients keep writing (mode 0600), with a manifest of sha256 sums."""
+    """One archive of the database, artifacts (a local dir or every object under an s3://
+    destination's prefix), users, TLS files, secrets and settings, consistent while clients keep
+    writing (mode 0600), with a manifest of sha256 sums."""
     from . import backup
 
     settings = _settings(values)
@@ -861,11 +863,16 @@ def backup_cmd(
 
 @cli.command("restore")
 @click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Replace what a non-empty data dir holds.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace what a non-empty data dir holds (and every object under an s3:// prefix).",
+)
 @setting_options(*BACKUP_OPTIONS)
 @_guard
 def restore_cmd(archive: Path, force: bool, **values: Any) -> None:
-    """Restore ARCHIVE into the (empty) data dir: every checksum is checked before anything is
+    """Restore ARCHIVE into the (empty) data dir, database and artifact store (an s3://
+    destination's prefix must hold no object): every checksum is checked before anything is
     written; then `trackgate up` serves it with the same users, CA and data."""
     from . import backup
 
