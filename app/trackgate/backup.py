@@ -176,18 +176,27 @@ class _Bucket:
         with self.errors():
             self.client.head_bucket(Bucket=self.bucket)
 
-    def objects(self) -> Iterator[tuple[str, str, int]]:
-        """(path relative to the prefix, key, size) of every object, in key order."""
+    def _listing(self) -> Iterator[dict[str, Any]]:
         with self.errors():
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix
             )
             for page in pages:
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(self.prefix) :]
-                    # `up`'s write probe (deleted at once) is not an artifact.
-                    if rel and not rel.endswith("/") and rel != objectstore.PROBE_KEY:
-                        yield rel, obj["Key"], obj["Size"]
+                yield from page.get("Contents", [])
+
+    def objects(self, say: Say = _quiet) -> Iterator[tuple[str, str, int]]:
+        """(path relative to the prefix, key, size) of every artifact object, in key order."""
+        for obj in self._listing():
+            rel = obj["Key"][len(self.prefix) :]
+            # `up`'s write probe (deleted at once) and "directory" markers are no artifacts.
+            if not rel or rel.endswith("/") or rel == objectstore.PROBE_KEY:
+                continue
+            parts = rel.split("/")
+            if any(part in ("", ".", "..") for part in parts):
+                # MLflow never makes such a key; a restore could not put it back where it was.
+                say(f"backup: skipped object {obj['Key']!r}: not a plain path under the prefix")
+                continue
+            yield rel, obj["Key"], obj["Size"]
 
     def occupied(self) -> int:
         with self.errors():
@@ -203,7 +212,7 @@ class _Bucket:
     def delete_all(self) -> None:
         """Every object under the prefix (--force, or undoing a failed restore)."""
         with self.errors():
-            keys = [key for _rel, key, _size in self.objects()]
+            keys = [obj["Key"] for obj in self._listing()]
             for i in range(0, len(keys), 1000):
                 self.client.delete_objects(
                     Bucket=self.bucket,
@@ -628,7 +637,7 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
             # Likewise the bucket's objects, listed after the snapshot (README "Backup and
             # restore" says why none the snapshot refers to can be missing).
             bucket = _bucket(settings)
-            objects = list(bucket.objects()) if bucket is not None else []
+            objects = list(bucket.objects(say)) if bucket is not None else []
             if bucket is not None:
                 say(f"backup: {len(objects)} objects under {bucket.where_text()} to copy")
             total = (
@@ -1256,6 +1265,9 @@ def _scratch_settings(
         "https_port": any_free_port(),
         "tracking_port": any_free_port(),
         "gateway_port": any_free_port(),
+        # Not the live stack's metrics ports (by default 9180/9181, taken while it runs).
+        "metrics_port": any_free_port(),
+        "nginx_exporter_port": any_free_port(),
         "tracking_upstream": None,
         "gateway_upstream": None,
         # Every path derived from the scratch data dir (None: the settings' own default).
