@@ -1114,18 +1114,7 @@ def _clear_for_restore(
     settings.htpasswd.unlink(missing_ok=True)
 
 
-class _MemberReader:
-    """An archive member read by boto3's uploader, hashed on the way (checked after)."""
-
-    def __init__(self, src: IO[bytes], progress: _Progress) -> None:
-        self.src, self.progress = src, progress
-        self.digest = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.src.read(n)
-        self.digest.update(data)
-        self.progress.add(len(data))
-        return data
+_PART = 16 * _CHUNK  # S3 multipart part size: the most of one object held in memory
 
 
 def _upload(
@@ -1136,19 +1125,44 @@ def _upload(
     want: dict[str, Any],
     progress: _Progress,
 ) -> None:
-    """Stream one member into the target bucket in parts (bounded memory)."""
-    from boto3.s3.transfer import TransferConfig
-
+    """Stream one member into the target bucket, one part at a time (bounded memory: boto3's
+    own uploader buffers several parts of a non-seekable stream), hashing it on the way."""
     src = tar.extractfile(info)
     if src is None:
         raise BackupError(f"archive member {info.name} is not a file")
-    reader = _MemberReader(src, progress)
+    client, name = bucket.client, bucket.bucket
     extra = {"ContentType": want["content_type"]} if want.get("content_type") else {}
-    config = TransferConfig(multipart_chunksize=16 * _CHUNK, max_concurrency=2)
+    digest = hashlib.sha256()
+
+    def part() -> bytes:
+        data = src.read(_PART)
+        digest.update(data)
+        progress.add(len(data))
+        return data
+
     with bucket.errors():
-        bucket.client.upload_fileobj(reader, bucket.bucket, key, ExtraArgs=extra, Config=config)
-        if reader.digest.hexdigest() != want["sha256"]:
-            bucket.client.delete_object(Bucket=bucket.bucket, Key=key)
+        first = part()
+        if len(first) < _PART:  # one request
+            client.put_object(Bucket=name, Key=key, Body=first, **extra)
+        else:
+            upload = client.create_multipart_upload(Bucket=name, Key=key, **extra)["UploadId"]
+            try:
+                parts, data, number = [], first, 1
+                while data:
+                    tag = client.upload_part(
+                        Bucket=name, Key=key, UploadId=upload, PartNumber=number, Body=data
+                    )["ETag"]
+                    parts.append({"ETag": tag, "PartNumber": number})
+                    data, number = part(), number + 1
+                client.complete_multipart_upload(
+                    Bucket=name, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    client.abort_multipart_upload(Bucket=name, Key=key, UploadId=upload)
+                raise
+        if digest.hexdigest() != want["sha256"]:
+            client.delete_object(Bucket=name, Key=key)
             raise BackupError(f"{info.name} changed since it was checked; nothing more restored")
 
 

@@ -69,11 +69,15 @@ def _s3(store: ObjectStore, keys: Path, prefix: str) -> dict[str, object]:
     }
 
 
-def _more_artifacts(run_id: str) -> None:
-    """Object names a bucket copy can get wrong: empty, deep, spaces and non-ASCII."""
+def _more_artifacts(run_id: str, work: Path) -> None:
+    """Objects a bucket copy can get wrong: empty, deep, spaces and non-ASCII names, and one
+    larger than a restore part (written back in several parts)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    big = work / "big.bin"
+    big.write_bytes(os.urandom(backup._PART + 1024 * 1024))
+    client.log_artifact(run_id, str(big), artifact_path="parts")
     client.log_text(run_id, "", "empty.txt")
     client.log_dict(run_id, {"depth": 4}, "deep/a/b/c.json")
     client.log_text(run_id, "grüße\n", "notes/ünïcode name.txt")
@@ -95,14 +99,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             work.mkdir()
             with mlflow_env(running.client_env()):
                 ids = populate(work)
-                _more_artifacts(ids["run-1"])
+                _more_artifacts(ids["run-1"], work)
             archive = backup.backup(running.settings, root / "s3.tar")
             yield Live(running, cluster, store, keys, archive)
 
 
 def test_bucket_objects_are_archived_with_size_and_sha256(live: Live) -> None:
     in_bucket = _objects(live.store, "live")
-    assert len(in_bucket) == 5, in_bucket.keys()  # populate's two and _more_artifacts' three
+    assert len(in_bucket) == 6, in_bucket.keys()  # populate's two and _more_artifacts' four
     members = live.archive.manifest["members"]
     archived = {n.removeprefix("bucket/"): m for n, m in members.items() if n.startswith("bucket/")}
     assert archived.keys() == in_bucket.keys()
