@@ -266,3 +266,21 @@ def test_store_problems_are_one_clear_line(
         assert "Traceback" not in result.output
     assert not (tmp_path / "x.tar").exists()
     assert not (tmp_path / "new").exists()
+
+
+def test_force_replaces_every_object_under_the_prefix(live: Live, tmp_path: Path) -> None:
+    """--force: the prefix ends up holding the archive's objects and nothing else."""
+    stray = "1/not-in-the-backup/artifacts/old.txt"
+    live.store.client().put_object(Bucket=live.store.bucket, Key=f"forced/{stray}", Body=b"old")
+    target = stack_settings(
+        tmp_path / "forced",
+        backend_store_uri=live.cluster.uri("spare"),
+        **_s3(live.store, live.keys, "forced"),
+    )
+    with pytest.raises(backup.BackupError, match="not empty"):
+        backup.restore(target, live.archive.path)
+    backup.restore(target, live.archive.path, force=True)
+    assert _objects(live.store, "forced") == _objects(live.store, "live")
+    assert (
+        backup.content_summary(target.database_uri) == live.archive.manifest["database"]["tables"]
+    )
