@@ -1,0 +1,100 @@
+"""Artifact upload bodies are read from gunicorn in large pieces (server/uploads.py, issue 18).
+
+gunicorn's own request body answers MLflow's 1 MiB reads with 1 KiB rounds over 8 KiB recv()s;
+through trackgate that Python work competes with nginx's TLS for the same cores. Here gunicorn's
+real Body/LengthReader/SocketUnreader read from a socket that hands out whatever is asked, as a
+fast loopback does, and the reads are counted."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from typing import Any
+
+import pytest
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.unreader import SocketUnreader
+from trackgate.server.uploads import FastUploads
+from werkzeug.wrappers import Request
+
+UPLOAD = "/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.bin"
+NEXT_REQUEST = b"GET /next HTTP/1.1\r\n\r\n"  # kept-alive connection: must not be eaten
+
+
+class _Socket:
+    """recv() hands out up to what is asked of a prepared byte string, counting the calls."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.calls = 0
+
+    def recv(self, size: int) -> bytes:
+        self.calls += 1
+        piece, self.data = self.data[:size], self.data[size:]
+        return bytes(piece)
+
+
+class _Reader(LengthReader):  # type: ignore[misc]
+    """gunicorn's length-bounded reader, its reads counted (each one a Python-level round)."""
+
+    calls = 0
+
+    def read(self, size: int) -> bytes:
+        self.calls += 1
+        return super().read(size)
+
+
+class _Upload:
+    """What MLflow's copy loop read of one request, and how the reading went."""
+
+    def __init__(self, body: bytes, method: str = "PUT", path: str = UPLOAD) -> None:
+        self.sock = _Socket(body + NEXT_REQUEST)
+        self.unreader = SocketUnreader(self.sock)
+        self.reader = _Reader(self.unreader, len(body))
+        self.got = _read_like_mlflow(method, path, len(body), Body(self.reader))
+
+
+def _read_like_mlflow(method: str, path: str, length: int, body: Body) -> bytes:
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_LENGTH": str(length),
+               "wsgi.input": body,
+               "wsgi.input_terminated": True, "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http"}
+    got = io.BytesIO()
+
+    def mlflow(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        # MLflow's _upload_artifact: copyfileobj(request.stream, staging file, 1 MiB)
+        shutil.copyfileobj(Request(environ).stream, got, 1024 * 1024)
+        start_response("200 OK", [])
+        return [b"{}"]
+
+    FastUploads(mlflow)(environ, lambda *a: None)
+    return got.getvalue()
+
+
+def test_an_upload_body_arrives_whole_in_a_few_reads_and_the_next_request_is_kept() -> None:
+    body = os.urandom((8 << 20) + 12345)
+    upload = _Upload(body)
+    assert upload.got == body
+    # gunicorn's own body: one recv per 8 KiB (1,026 here) and one reader round per KiB
+    # (8,205); read in pieces of 1 MiB: 10 of each.
+    assert upload.sock.calls <= 16, upload.sock.calls
+    assert upload.reader.calls <= 16, upload.reader.calls
+    assert upload.unreader.read() == NEXT_REQUEST
+
+
+@pytest.mark.parametrize("size", [0, 1, 1 << 20, (1 << 20) + 1])
+def test_edge_sizes_arrive_byte_identical(size: int) -> None:
+    body = os.urandom(size)
+    upload = _Upload(body)
+    assert upload.got == body and upload.unreader.read() == NEXT_REQUEST
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/api/2.0/mlflow/runs/log-batch"), ("GET", UPLOAD),
+    ("PUT", "/api/2.0/mlflow/other"),
+])
+def test_other_requests_keep_gunicorns_own_body(method: str, path: str) -> None:
+    body = os.urandom(64 << 10)
+    upload = _Upload(body, method, path)
+    assert upload.got == body and upload.reader.calls >= (64 << 10) // 1024
