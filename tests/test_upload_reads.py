@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +99,74 @@ def test_other_requests_keep_gunicorns_own_body(method: str, path: str) -> None:
     body = os.urandom(64 << 10)
     upload = _Upload(body, method, path)
     assert upload.got == body and upload.reader.calls >= (64 << 10) // 1024
+
+
+# --- a body file named by nginx (X-Trackgate-Upload-File) -------------------------------------
+
+
+def _put_named(folder: Path, named: str) -> tuple[str, bytes]:
+    """(status, what MLflow read) of a PUT whose body nginx says is in file NAMED."""
+    seen: list[bytes] = []
+    answer: list[str] = []
+
+    def mlflow(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(Request(environ).stream.read())
+        start_response("200 OK", [])
+        return [b"{}"]
+
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": UPLOAD, "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+               "HTTP_X_TRACKGATE_UPLOAD_FILE": named}
+    FastUploads(mlflow, str(folder))(environ, lambda status, headers: answer.append(status))
+    return answer[0], b"".join(seen)
+
+
+@pytest.fixture
+def upload_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "artifacts.uploads"
+    folder.mkdir(mode=0o700)
+    return folder
+
+
+def test_the_body_file_nginx_wrote_is_what_mlflow_reads(upload_dir: Path) -> None:
+    (upload_dir / "0000000001").write_bytes(b"the body")
+    assert _put_named(upload_dir, f"{upload_dir}/0000000001") == ("200 OK", b"the body")
+
+
+def test_a_link_planted_where_nginx_writes_is_not_followed(upload_dir: Path, tmp_path: Path
+                                                           ) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not for you")
+    (upload_dir / "0000000002").symlink_to(secret)
+    os.link(secret, upload_dir / "0000000003")  # a second name of another file
+    for name in ("0000000002", "0000000003"):
+        status, read = _put_named(upload_dir, f"{upload_dir}/{name}")
+        assert status.startswith("500") and not read, name
+
+
+@pytest.mark.parametrize("named", ["/etc/passwd", "{dir}/../secret", "{dir}/body.txt",
+                                   "{dir}/0000000004/", "{dir}/00000000045", "{dir}"])
+def test_a_name_that_is_not_an_nginx_body_file_in_the_upload_dir_is_refused(
+    upload_dir: Path, named: str,
+) -> None:
+    (upload_dir / "body.txt").write_bytes(b"x")
+    (upload_dir / "00000000045").write_bytes(b"x")
+    status, read = _put_named(upload_dir, named.format(dir=upload_dir))
+    assert status.startswith("500") and not read
+
+
+def test_an_upload_dir_others_may_write_to_is_refused(upload_dir: Path) -> None:
+    (upload_dir / "0000000005").write_bytes(b"the body")
+    upload_dir.chmod(0o733)  # another account could swap the file
+    status, read = _put_named(upload_dir, f"{upload_dir}/0000000005")
+    assert status.startswith("500") and not read
+
+
+def test_without_an_upload_dir_a_named_file_is_an_error_not_an_empty_artifact(
+    upload_dir: Path,
+) -> None:
+    seen: list[str] = []
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": UPLOAD, "wsgi.input": io.BytesIO(),
+               "HTTP_X_TRACKGATE_UPLOAD_FILE": f"{upload_dir}/0000000006"}
+    body = FastUploads(lambda *a: [b"stored"])(environ, lambda s, h: seen.append(s))
+    assert seen[0].startswith("500") and b"TRACKGATE_ARTIFACT_UPLOADS" in b"".join(body)

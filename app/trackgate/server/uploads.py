@@ -89,7 +89,8 @@ class NginxBody(io.FileIO):
 
 
 class UploadFileError(Exception):
-    """The file nginx named is not one nginx wrote for this request: answered 500, logged."""
+    """The file nginx named is not one nginx wrote (a misconfiguration): answered 500 with
+    the reason, and nothing is stored."""
 
 
 class FastUploads:
@@ -105,7 +106,7 @@ class FastUploads:
         if environ.get("REQUEST_METHOD") != "PUT" or not environ.get("PATH_INFO", "").startswith(
             UPLOAD_PREFIXES
         ):
-            return self.app(environ, start_response)  # a GET's empty body file: nothing to do
+            return self.app(environ, start_response)  # no upload: no body file either
         if not named:
             body = fast_body(environ)
             if body is not None:
@@ -120,8 +121,12 @@ class FastUploads:
             environ["CONTENT_LENGTH"] = str(os.fstat(file.fileno()).st_size)
             environ["wsgi.input_terminated"] = True
             result = self.app(environ, start_response)
-            # MLflow's handler has run: its answer is built (an upload answers a small JSON).
-            return list(result) if not isinstance(result, list) else result
+            try:  # MLflow's answer to an upload is a small JSON: built before the file closes
+                return list(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
         finally:
             file.close()
 
