@@ -170,3 +170,28 @@ def test_without_an_upload_dir_a_named_file_is_an_error_not_an_empty_artifact(
                "HTTP_X_TRACKGATE_UPLOAD_FILE": f"{upload_dir}/0000000006"}
     body = FastUploads(lambda *a: [b"stored"])(environ, lambda s, h: seen.append(s))
     assert seen[0].startswith("500") and b"TRACKGATE_ARTIFACT_UPLOADS" in b"".join(body)
+
+
+@pytest.mark.parametrize(("overrides", "standalone", "by_nginx"), [
+    ({}, True, True),  # `trackgate up`: nginx and the tracking server, one account, one machine
+    ({}, False, False),  # an Ansible host's site: Debian's nginx runs as another account
+    ({"internal_transport": "tcp"}, True, False),  # compose: nginx is another container
+    ({"tracking_upstream": "10.0.0.5,10.0.0.6"}, True, False),  # several hosts
+    ({"artifacts_destination": "s3://bucket/prefix"}, True, False),  # S3 keeps streaming
+    ({"artifact_uploads": "tracking"}, True, False),
+])
+def test_nginx_writes_upload_bodies_only_beside_a_local_store_on_the_tracking_servers_machine(
+    tmp_path: Path, overrides: dict[str, str], standalone: bool, by_nginx: bool,
+) -> None:
+    from trackgate import nginx
+    from trackgate.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, hostname="localhost", **overrides)  # type: ignore[arg-type]
+    config = nginx.render(settings, standalone=standalone)
+    assert ("client_body_in_file_only clean;" in config) is by_nginx
+    assert (f"client_body_temp_path {tmp_path}/artifacts.uploads;" in config) is by_nginx
+    # Every location that sends an identity to a tracking server drops a client's copy of the
+    # header; only the upload location names nginx's own file.
+    cleared = config.count('proxy_set_header X-Trackgate-Upload-File "";')
+    assert cleared == config.count("proxy_set_header X-Trackgate-User $trackgate_user;") > 0
+    assert config.count("X-Trackgate-Upload-File $request_body_file;") == (1 if by_nginx else 0)

@@ -119,7 +119,10 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         ctx.cert_file, ctx.key_file = str(cert), str(key)
         # Only nginx on the tracking server's machine, as its account: `trackgate up` (an
         # Ansible host's nginx is another account; compose's another container).
-        ctx.upload_files_dir = str(settings.nginx_upload_dir or "")
+        # Absolute, as the tracking server compares it (nginx would read a relative path
+        # against its prefix, the tracking server against the shared working directory).
+        upload_dir = settings.nginx_upload_dir
+        ctx.upload_files_dir = os.path.abspath(upload_dir) if upload_dir is not None else ""
         logs = settings.logs
         ctx.pid_file = str(settings.nginx_runtime_dir / "nginx.pid")
         ctx.temp_dir = str(settings.nginx_runtime_dir / "nginx-temp")
