@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -98,6 +99,11 @@ def test_the_mlflow_client_and_curl_upload_byte_identical_files_logged_with_the_
             break
         time.sleep(0.05)
     assert sorted(found) == sorted(uploads)
+    # ... and in trackgate's audit log (one JSON line per write, with the verified user).
+    assert stack.settings.audit_log is not None
+    events = [json.loads(x) for x in stack.settings.audit_log.read_text().splitlines()]
+    audited = {e.get("path") for e in events if e.get("user") == name and e.get("method") == "PUT"}
+    assert set(uploads) <= audited, sorted(audited)
 
 
 def test_users_without_write_permission_are_refused_before_anything_lands(
