@@ -60,7 +60,8 @@ RESTORED_SETTINGS = "backup-settings.env"  # where restore leaves the archived s
 PROGRESS_EVERY_S = 3.0
 _CHUNK = 1 << 20
 # Entries of the data dir that are runtime state or have their own member.
-_NOT_DATA = {"run", "logs", "backups", "serving", "artifacts", "tls", RESTORED_SETTINGS}
+_NOT_DATA = {"run", "logs", "backups", "serving", "artifacts", "tls", RESTORED_SETTINGS,
+             "artifacts.uploads"}  # nginx's upload bodies in flight (server/uploads.py)
 # MLflow writes an artifact to a hidden temp file, then renames it: temp files are not data.
 _UPLOADING_PREFIX = ".artifact.uploading."
 _SETTINGS_FILE = "trackgate.env"  # settings.SETTINGS_FILE_NAME: restored as data/trackgate.env

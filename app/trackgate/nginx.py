@@ -54,6 +54,7 @@ class NginxContext:
     extra_includes: list[str] = field(default_factory=list)
     proxy_secret: str = ""  # sent to the tracking servers only (see server/proxyauth.py)
     artifact_files_dir: str = ""  # nginx sends downloads from here (server/downloads.py)
+    upload_files_dir: str = ""  # nginx writes artifact upload bodies here (server/uploads.py)
     # The metrics listener and where nginx sends its per-request metrics lines (issue 17).
     metrics: bool = False
     metrics_listen: str = ""
@@ -116,6 +117,12 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
     if standalone:
         cert, key = settings.served_cert_files
         ctx.cert_file, ctx.key_file = str(cert), str(key)
+        # Only nginx on the tracking server's machine, as its account: `trackgate up` (an
+        # Ansible host's nginx is another account; compose's another container).
+        # Absolute, as the tracking server compares it (nginx would read a relative path
+        # against its prefix, the tracking server against the shared working directory).
+        upload_dir = settings.nginx_upload_dir
+        ctx.upload_files_dir = os.path.abspath(upload_dir) if upload_dir is not None else ""
         logs = settings.logs
         ctx.pid_file = str(settings.nginx_runtime_dir / "nginx.pid")
         ctx.temp_dir = str(settings.nginx_runtime_dir / "nginx-temp")

@@ -143,6 +143,16 @@ class Settings(BaseSettings):
             "or 'tracking' (MLflow streams it). nginx must be able to read the artifacts."
         ),
     )
+    artifact_uploads: Literal["nginx", "tracking"] = Field(
+        default="nginx",
+        description=(
+            "Who receives artifact uploads (PUT) to a local artifact store when nginx and the "
+            "tracking server share the machine (internal_transport=unix, `trackgate up`): "
+            "'nginx' (nginx writes the body to a file beside the store; the tracking server "
+            "checks the request as always, then links that file into place) or 'tracking' "
+            "(nginx passes the body to MLflow, which writes it)."
+        ),
+    )
     htpasswd_path: Path | None = Field(
         default=None, description="The htpasswd file (bcrypt); default data_dir/htpasswd."
     )
@@ -457,6 +467,18 @@ class Settings(BaseSettings):
         if self.artifact_downloads != "nginx" or "://" in self.artifacts_uri:
             return None
         return self.artifacts_uri
+
+    @property
+    def nginx_upload_dir(self) -> Path | None:
+        """Where nginx writes artifact upload bodies for the tracking server to link into the
+        store (server/uploads.py), or None (the body goes to MLflow). Beside the artifact root,
+        so on its filesystem, and outside it, so no artifact path names it."""
+        if self.artifact_uploads != "nginx" or "://" in self.artifacts_uri:
+            return None
+        if self.internal_transport != "unix" or self.tracking_upstream:
+            return None  # another host or container: the file would not be there
+        root = Path(self.artifacts_uri)
+        return root.with_name(f"{root.name}.uploads")
 
     @property
     def htpasswd(self) -> Path:
