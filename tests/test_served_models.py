@@ -1,15 +1,22 @@
 """Models served by another process than `trackgate serve-model`'s own (compose's profile
 "serving", the Ansible role's units): the addresses nginx may publish, the location nginx
 accepts, and what the role renders for trackgate_models (its deploy run is not in CI: this renders
-the unit, the credentials file and the settings with the role's own templates and vars)."""
+the unit, the credentials file and the settings with the role's own templates and vars), and a
+stack publishing a model served on a fixed socket by another process, as the role's units do."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +25,39 @@ from trackgate import nginx
 from trackgate.cli import cli
 from trackgate.served import AddressError, parse_address
 
-from .support import RunningStack, trackgate
+from .support import RunningStack, clean_env, running_stack, trackgate
 
 ROLE = Path(__file__).resolve().parents[1] / "ansible" / "roles" / "trackgate"
+
+# Models-from-code: the model is this file, stored with the model (no pickled class, so the
+# container's Python need not match the client's).
+MODEL_CODE = textwrap.dedent('''
+    import mlflow.pyfunc
+    from mlflow.models import set_model
+
+    class Doubler(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input * 2
+
+    set_model(Doubler())
+''')
+
+REGISTER_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_experiment("compose-serving")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=sys.argv[1],
+                                       pip_requirements=["mlflow"],
+                                       registered_model_name=sys.argv[2])
+    MlflowClient().set_registered_model_alias(sys.argv[2], "champion",
+                                              info.registered_model_version)
+    print(json.dumps({"version": info.registered_model_version}))
+''')
+
+PAYLOAD = {"dataframe_split": {"columns": ["x"], "data": [[1], [2]]}}
 
 
 @pytest.mark.parametrize("text", ["8.8.8.8:8080", "0.0.0.0:8080", "[::]:80", "[2001:4860::8]:80",
@@ -145,3 +182,62 @@ def test_the_ansible_role_renders_a_unit_and_the_same_serving_location_per_model
                           capture_output=True, text=True, check=True)
     assert read.stdout == 'serving p"$w`d'
     assert (out / "serving.env").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def model_socket() -> Iterator[Path]:
+    """Where the unit-style server listens: a directory serve-model creates and, as root,
+    hands to the model account (under /tmp, which that account may pass)."""
+    socket = Path(f"/tmp/trackgate-served-{secrets.token_hex(4)}") / "model.sock"
+    yield socket
+    shutil.rmtree(socket.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served_stack(tmp_path_factory: pytest.TempPathFactory,
+                 model_socket: Path) -> Iterator[RunningStack]:
+    """A stack whose nginx publishes a model served by another process (as an Ansible unit
+    does): TRACKGATE_SERVED_MODELS=unit-model=unix:SOCKET."""
+    with running_stack(tmp_path_factory.mktemp("served"),
+                       served_models=[f"unit-model=unix:{model_socket}"]) as running:
+        yield running
+
+
+def test_a_model_served_on_a_fixed_socket_is_published_while_it_runs_and_503_otherwise(
+    served_stack: RunningStack, model_socket: Path, tmp_path: Path,
+) -> None:
+    stack = served_stack
+    (tmp_path / "model.py").write_text(MODEL_CODE, encoding="utf-8")
+    (tmp_path / "register.py").write_text(REGISTER_SCRIPT, encoding="utf-8")
+    env = clean_env(**stack.client_env())
+    subprocess.run([sys.executable, "register.py", "model.py", "unit-doubler"], cwd=tmp_path,
+                   env=env, check=True, capture_output=True, timeout=300)
+    path = "/serving/unit-model/invocations"
+    admin = ("admin", stack.admin_password)
+    down = stack.request("POST", path, json=PAYLOAD, auth=admin)
+    assert down.status_code == 503 and "unit-model is not running" in down.text
+    log = tmp_path / "serve.log"
+    # What trackgate-model-NAME.service runs.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trackgate", "serve-model", "models:/unit-doubler@champion",
+             "--name", "unit-model", "--address", f"unix:{model_socket}", "--no-publish",
+             "--data-dir", str(stack.settings.data_dir)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "serving models:/" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        answer = stack.request("POST", path, json=PAYLOAD, auth=admin)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == [{"x": 2}, {"x": 4}]
+        assert stack.request("POST", path, json=PAYLOAD).status_code == 401
+        if os.geteuid() == 0:  # as root: only the model account and nginx's group may enter
+            st = model_socket.parent.stat()
+            assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o710)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    stopped = stack.request("POST", path, json=PAYLOAD, auth=admin)
+    assert stopped.status_code == 503, stopped.text

@@ -5,47 +5,16 @@ through nginx; stopped, it answers 503 (never a 502)."""
 from __future__ import annotations
 
 import secrets
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from ..test_served_models import MODEL_CODE, PAYLOAD, REGISTER_SCRIPT
 from .conftest import SERVED_MODEL
 from .harness import ComposeStack
 from .test_compose import _client
 
 pytestmark = pytest.mark.compose
-
-# Models-from-code: the model is this file, stored with the model (no pickled class, so the
-# container's Python need not match the client's).
-MODEL_CODE = textwrap.dedent('''
-    import mlflow.pyfunc
-    from mlflow.models import set_model
-
-    class Doubler(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
-            return model_input * 2
-
-    set_model(Doubler())
-''')
-
-REGISTER_SCRIPT = textwrap.dedent('''
-    import json, sys
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_experiment("compose-serving")
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=sys.argv[1],
-                                       pip_requirements=["mlflow"],
-                                       registered_model_name=sys.argv[2])
-    MlflowClient().set_registered_model_alias(sys.argv[2], "champion",
-                                              info.registered_model_version)
-    print(json.dumps({"version": info.registered_model_version}))
-''')
-
-PAYLOAD = {"dataframe_split": {"columns": ["x"], "data": [[1], [2]]}}
-
 
 @pytest.mark.parametrize("stack", ["sqlite"], indirect=True)  # CI time: one backend is enough
 def test_the_serving_profile_serves_a_registered_model_behind_the_login_and_stops_cleanly(
