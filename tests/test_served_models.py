@@ -89,6 +89,18 @@ def test_serve_model_refuses_a_public_address_with_a_clear_message(tmp_path: Pat
     assert "every interface" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_model_refuses_a_socket_in_a_shared_directory(tmp_path: Path) -> None:
+    # Its directory is handed to the model account: never /tmp, /run or a directory in use.
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "other-file").write_text("")
+    result = trackgate("serve-model", "models:/m@champion", "--name", "m", "--address",
+                       f"unix:{tmp_path}/shared/model.sock", "--no-publish",
+                       "--data-dir", str(tmp_path / "data"))
+    assert result.returncode != 0
+    assert "holds other files" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "shared").stat().st_uid == os.getuid()
+
+
 def test_nginx_accepts_the_site_with_models_on_a_socket_and_on_a_host_name(
     stack: RunningStack, tmp_path: Path
 ) -> None:

@@ -218,6 +218,21 @@ def _sandbox(settings: Settings, workdir: Path, *dirs: Path) -> Account | None:
     return model
 
 
+def _own_socket_dir(directory: Path, socket: Path) -> None:
+    """A given socket's directory is handed to the model account (as root): it must be one of
+    its own, empty but for a killed server's socket, never a shared one such as /run or /tmp."""
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ServingError(f"cannot create the socket's directory {directory}: "
+                           f"{exc.strerror}") from None
+    if any(path != socket for path in directory.iterdir()):
+        raise ServingError(
+            f"{directory} holds other files: give the socket a directory of its own (it is "
+            "handed to the model account), e.g. unix:/run/trackgate-models/NAME/model.sock")
+    socket.unlink(missing_ok=True)  # a killed server's
+
+
 def _socket_answers(address: served.Address) -> bool:
     where = f"unix:{address.socket}" if address.socket else address.upstream
     conn = internal_connection(where, timeout=5)
@@ -246,20 +261,19 @@ def serve_model(
     a socket in a private temporary dir; `connect_host`: see connect_to()."""
     validate_name(name)
     listen = parse_address(address) if address else None
+    socket_dirs = [Path(listen.socket).parent] if listen and listen.socket else []
+    for directory in socket_dirs:
+        _own_socket_dir(directory, Path(listen.socket or ""))
     if not model_uri.strip():
         raise ServingError("no model URI: give one such as models:/NAME@champion")
     config = client.configure(env_file=".env")
     owner = _claim(settings, name)  # before the try: never unpublish another process's model
     workdir = Path(tempfile.mkdtemp(prefix=f"trackgate-serve-{name}-"))
     listen = listen or served.Address(socket=str(workdir / "model.sock"))
-    socket_dirs = [Path(listen.socket).parent] if listen.socket and address else []
     proc: subprocess.Popen[bytes] | None = None
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         (workdir / "model").mkdir()
-        for directory in socket_dirs:
-            directory.mkdir(parents=True, exist_ok=True)
-            Path(listen.socket or "").unlink(missing_ok=True)  # a killed server's socket
         with connect_to(config.uri, connect_host):
             model_path = download_model(model_uri, config, workdir / "model")
         account = _sandbox(settings, workdir, *socket_dirs)
