@@ -45,6 +45,7 @@ def _default_text(name: str) -> str:
             "bcrypt_concurrency": "CPU count - 1",
             "extra_hostnames": "none",
             "trusted_proxies": "none",
+            "served_models": "none",
         }[name]
     return "derived" if field.default is None else str(field.default)
 
@@ -580,9 +581,28 @@ def serve_cmd(server: str, **values: Any) -> None:
 @click.option(
     "--workers", type=int, default=1, show_default=True, help="Scoring server worker processes."
 )
+@click.option(
+    "--address",
+    help="Listen on unix:/absolute/path or a private host:port (never a public IP) instead of "
+    "a socket in a private temporary dir: for nginx on another host or in another container.",
+)
+@click.option(
+    "--publish/--no-publish",
+    default=True,
+    show_default=True,
+    help="Add the nginx location and reload nginx. --no-publish: nginx elsewhere publishes "
+    "NAME=ADDRESS of its TRACKGATE_SERVED_MODELS (compose, Ansible).",
+)
+@click.option(
+    "--connect-to",
+    metavar="HOST",
+    help="Reach the tracking URI's server at HOST, keeping its name for TLS and Host "
+    "(compose: nginx's service name).",
+)
 @setting_options("data_dir")
 @_guard
-def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> None:
+def serve_model_cmd(model_uri: str, name: str, workers: int, address: str | None,
+                    publish: bool, connect_to: str | None, **values: Any) -> None:
     """Serve MODEL_URI (e.g. models:/NAME@champion) with the MLflow scoring server and publish
     it through nginx behind the same login, until Ctrl-C. The model is downloaded through the
     proxy with the exported MLFLOW_TRACKING_* credentials; it then runs with none of them, on a
@@ -593,10 +613,17 @@ def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> N
     settings = stack.recorded_settings(_settings(values))
 
     def ready(published: serving.Published) -> None:
-        click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
+        if publish:
+            click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
+        else:
+            click.echo(f"serving {model_uri} on {published.upstream.removesuffix(':')} for "
+                       f"{published.url} (published by TRACKGATE_SERVED_MODELS)")
 
-    code = serving.serve_model(settings, model_uri, name, workers=workers, on_ready=ready)
-    click.echo(f"stopped serving {name}; /serving/{name}/ is unpublished")
+    code = serving.serve_model(settings, model_uri, name, workers=workers, address=address,
+                               publish_location=publish, connect_host=connect_to,
+                               on_ready=ready)
+    click.echo(f"stopped serving {name}" + (f"; /serving/{name}/ is unpublished"
+                                            if publish else ""))
     sys.exit(code)
 
 

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
             "/etc/trackgate/serving."
         ),
     )
+    served_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Models another process serves (compose's serving profile, the Ansible role's "
+            "units), published at /serving/NAME/ behind the login: NAME=ADDRESS, comma-separated, "
+            "ADDRESS unix:/path or host:port (never public). nginx answers 503 while one is down."
+        ),
+    )
     socket_dir: Path | None = Field(
         default=None, description="Where the Unix sockets live; default data_dir/run/sockets."
     )
@@ -347,11 +355,21 @@ class Settings(BaseSettings):
         "sign-on (and API tokens) log in.",
     )
 
-    @field_validator("extra_hostnames", "trusted_proxies", mode="before")
+    @field_validator("extra_hostnames", "trusted_proxies", "served_models", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("served_models")
+    @classmethod
+    def _valid_served_models(cls, value: list[str]) -> list[str]:
+        from .served import parse_entry
+
+        names = [parse_entry(entry)[0] for entry in value]  # AddressError is a ValueError
+        if len(set(names)) != len(names):
+            raise ValueError("a model name appears twice")
         return value
 
     @field_validator("trusted_proxies")
