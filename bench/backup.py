@@ -4,19 +4,24 @@
     .venv/bin/python -m bench.backup                                  # the issue's store
     .venv/bin/python -m bench.backup --runs 100 --artifact-mib 128    # a quick look
     .venv/bin/python -m bench.backup --output bench/out/backup.md     # also write the Markdown
+    .venv/bin/python -m bench.backup --s3 --file-mib 512              # artifacts in a bucket
 
 The store is filled through the proxy with the real MLflow client (runs with params, tags and a
 50-step metric history in one log_batch each; the artifacts as 64 MiB files of random bytes,
 which do not compress). Everything runs in a temp dir that is removed at the end (`--keep`
-keeps it); the stacks are stopped by PID.
+keeps it); the stacks are stopped by PID. With `--s3` the artifacts live in a real SeaweedFS
+bucket, and backup and restore run as `trackgate` CLI processes whose peak RSS is read with
+wait4 (an object is streamed, never held whole: the peak stays far below one file's size).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +32,8 @@ from typing import Any
 from trackgate import backup
 from trackgate.local import stack as stack_module
 
-from tests.support import running_stack, stack_settings
+from tests.infra.seaweedfs import seaweedfs
+from tests.support import clean_env, running_stack, stack_settings
 
 MIB = 1024 * 1024
 FILE_MIB = 64
@@ -37,7 +43,9 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _fill(env: dict[str, str], runs: int, steps: int, artifact_mib: int, work: Path) -> None:
+def _fill(
+    env: dict[str, str], runs: int, steps: int, artifact_mib: int, work: Path, file_mib: int
+) -> None:
     os.environ.update(env)
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
@@ -63,7 +71,7 @@ def _fill(env: dict[str, str], runs: int, steps: int, artifact_mib: int, work: P
     started = time.monotonic()
     left, n = artifact_mib, 0
     while left > 0:
-        size = min(FILE_MIB, left)
+        size = min(file_mib, left)
         path = work / f"blob-{n}.bin"
         with open(path, "wb") as f:
             for _ in range(size):
@@ -79,41 +87,94 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / MIB / seconds:.0f} MiB/s" if seconds > 0 else "-"
 
 
-def run(runs: int, steps: int, artifact_mib: int, keep: bool) -> str:
+def _cli(argv: list[str]) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one `trackgate` process, progress passed through."""
+    started = time.monotonic()
+    proc = subprocess.Popen(  # its summary to stderr too: stdout is the Markdown
+        [sys.executable, "-m", "trackgate", *argv], env=clean_env(), cwd="/", stdout=sys.stderr
+    )
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"trackgate {argv[0]} exited {proc.returncode}")
+    return time.monotonic() - started, usage.ru_maxrss * 1024
+
+
+def _bucket_settings(stack: contextlib.ExitStack, work: Path) -> Any:
+    """A SeaweedFS for the run; returns f(prefix) -> settings overrides for that prefix."""
+    store = stack.enter_context(seaweedfs(work / "seaweedfs"))
+    keys = work / "s3-credentials"
+    keys.write_text("".join(f"{k}={v}\n" for k, v in store.keys_env.items()))
+    keys.chmod(0o600)
+    if os.geteuid() == 0:  # the tracking server runs as the service account
+        import pwd
+
+        account = pwd.getpwnam("trackgate")
+        os.chown(keys, account.pw_uid, account.pw_gid)
+    return lambda prefix: {
+        "artifacts_destination": f"s3://{store.bucket}/{prefix}",
+        "s3_endpoint_url": store.endpoint,
+        "s3_credentials_file": keys,
+    }
+
+
+def _cli_args(settings: Any) -> list[str]:
+    return [
+        "--data-dir", str(settings.data_dir),
+        "--artifacts-destination", settings.artifacts_destination,
+        "--s3-endpoint-url", settings.s3_endpoint_url,
+        "--s3-credentials-file", str(settings.s3_credentials_file),
+    ]  # fmt: skip
+
+
+def run(runs: int, steps: int, artifact_mib: int, keep: bool, s3: bool, file_mib: int) -> str:
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="trackgate-bench-backup-"))
     os.chmod(work, 0o711)  # as root, the service account passes through to the data dirs
     rows: dict[str, Any] = {}
     try:
-        with running_stack(work / "live") as live:
+        with contextlib.ExitStack() as stack:
+            where = _bucket_settings(stack, work) if s3 else lambda _prefix: {}
+            live = stack.enter_context(running_stack(work / "live", **where("live")))
             (work / "upload").mkdir()
-            _fill(live.client_env(), runs, steps, artifact_mib, work / "upload")
+            _fill(live.client_env(), runs, steps, artifact_mib, work / "upload", file_mib)
             db = live.settings.sqlite_path
             rows["database file"] = backup.human(db.stat().st_size) if db else "PostgreSQL"
 
+            archive = work / "bench.tar"
             started = time.monotonic()
-            made = backup.backup(live.settings, work / "bench.tar", say=_say)
-            rows["backup"] = time.monotonic() - started
-            _say(made.summary())
-            tables = made.manifest["database"]["tables"]
+            if s3:  # a process of its own: its peak RSS is the backup's alone
+                rows["backup"], rows["backup rss"] = _cli(
+                    ["backup", "--output", str(archive), *_cli_args(live.settings)]
+                )
+                manifest = backup.check_archive(archive)[0]
+            else:
+                made = backup.backup(live.settings, archive, say=_say)
+                rows["backup"] = time.monotonic() - started
+                _say(made.summary())
+                manifest = made.manifest
+            tables = manifest["database"]["tables"]
             rows["runs"] = tables["runs"]["count"]
             rows["metric rows"] = tables["metrics"]["count"]
-            rows["artifacts"] = f"{made.artifact_files} files, {backup.human(made.artifact_bytes)}"
-            rows["archive"] = backup.human(made.size)
-            rows["archive bytes"] = made.size
+            arts = manifest["artifacts"]
+            rows["artifacts"] = f"{arts['files']} files, {backup.human(arts['bytes'])}"
+            rows["archive"] = backup.human(archive.stat().st_size)
+            rows["archive bytes"] = archive.stat().st_size
 
-            target = stack_settings(work / "restored")
+            target = stack_settings(work / "restored", **where("restored"))
             started = time.monotonic()
-            restored = backup.restore(target, made.path, say=_say)
+            if s3:
+                _seconds, rows["restore rss"] = _cli(["restore", str(archive), *_cli_args(target)])
+            else:
+                _say(backup.restore(target, archive, say=_say).summary())
             rows["restore"] = time.monotonic() - started
-            _say(restored.summary())
             started = time.monotonic()
             stack_module.up(target)
             rows["first start after restore"] = time.monotonic() - started
             stack_module.down(target)
 
             started = time.monotonic()
-            verified = backup.verify(live.settings, made.path, say=_say, scratch_root=work)
+            verified = backup.verify(live.settings, archive, say=_say, scratch_root=work)
             rows["verify"] = time.monotonic() - started
             _say(verified.summary())
             for line in verified.differences:
@@ -125,6 +186,13 @@ def run(runs: int, steps: int, artifact_mib: int, keep: bool) -> str:
         else:
             shutil.rmtree(work, ignore_errors=True)
     size = rows["archive bytes"]
+    store = (
+        f"artifacts in a SeaweedFS bucket ({file_mib} MiB files); backup and restore as CLI "
+        f"processes, peak RSS {backup.human(rows['backup rss'])} and "
+        f"{backup.human(rows['restore rss'])}"
+        if s3
+        else "local artifacts"
+    )
     return "\n".join(
         [
             f"## Backup, restore and verify: {runs:,} runs x {steps} metric steps, "
@@ -132,9 +200,9 @@ def run(runs: int, steps: int, artifact_mib: int, keep: bool) -> str:
             "",
             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             f"- Command: `.venv/bin/python -m bench.backup --runs {runs} --steps {steps} "
-            f"--artifact-mib {artifact_mib}`",
-            f"- Machine: `nproc` {os.cpu_count()}, {platform.platform()}; sqlite store, local "
-            "artifacts, archive on the same disk; load average (1 min) "
+            f"--artifact-mib {artifact_mib}" + (f" --s3 --file-mib {file_mib}`" if s3 else "`"),
+            f"- Machine: `nproc` {os.cpu_count()}, {platform.platform()}; sqlite store, {store}, "
+            "archive on the same disk; load average (1 min) "
             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (a shared machine)",
             f"- Store: {rows['runs']:,} runs, {rows['metric rows']:,} metric rows, database file "
             f"{rows['database file']}, {rows['artifacts']}; archive {rows['archive']}",
@@ -160,8 +228,10 @@ def main() -> None:
     parser.add_argument("--artifact-mib", type=int, default=1024)
     parser.add_argument("--output", type=Path, help="Also write the Markdown section here.")
     parser.add_argument("--keep", action="store_true", help="Keep the temp dir.")
+    parser.add_argument("--s3", action="store_true", help="Artifacts in a SeaweedFS bucket.")
+    parser.add_argument("--file-mib", type=int, default=FILE_MIB, help="Size of each artifact.")
     args = parser.parse_args()
-    text = run(args.runs, args.steps, args.artifact_mib, args.keep)
+    text = run(args.runs, args.steps, args.artifact_mib, args.keep, args.s3, args.file_mib)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

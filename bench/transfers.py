@@ -5,9 +5,11 @@
   (`static_nginx`, the practical limit: nginx pays ~1 CPU-s per GiB for TLS here), interleaved
   pair by pair; ratio per pair, median.
 - **upload**: `curl -T` through trackgate against straight to bare gunicorn (no TLS, no proxy),
-  interleaved; trackgate as configured (nginx buffers the body before MLflow reads it) and,
-  for comparison, with `proxy_request_buffering off` in the artifact locations (the rendered
-  config patched and nginx reloaded between the two: a bench-only variant).
+  interleaved; trackgate as shipped (a local store: nginx writes the body to a file beside the
+  artifact root and the tracking server links it into place, server/uploads.py) and, when given,
+  a second stack with `artifact_uploads=tracking` (nginx buffers the body and passes it to
+  MLflow, whose reads of gunicorn's body come in 1 MiB pieces): the path of S3 stores and of
+  nginx on another host or container.
 - **revocation**: a client repeats a cached credential as fast as it can while
   `trackgate users passwd` runs; the latency is the time from the command's return to the
   start of the first refused request, and every request started after the return must be
@@ -125,24 +127,6 @@ def download(target: tg.Target, path: str) -> float:
     return seconds
 
 
-def set_upload_buffering(target: tg.Target, on: bool) -> None:
-    """Bench-only: the artifact locations of a running stack with or without nginx's request
-    buffering (the rendered config patched, nginx reloaded)."""
-    assert target.stack is not None
-    settings = target.stack.settings
-    conf = settings.nginx_conf
-    text = conf.read_text()
-    marker = "client_max_body_size 0;\n"
-    off_line = "proxy_request_buffering off;  # bench: unbuffered artifact path\n"
-    lines = [line for line in text.splitlines(keepends=True) if "bench: unbuffered" not in line]
-    if not on:
-        lines = [line + (line[:len(line) - len(line.lstrip())] + off_line
-                         if line.strip() == marker.strip() else "") for line in lines]
-    conf.write_text("".join(lines))
-    tg_nginx.reload(settings)
-    time.sleep(1.5)  # old workers finish, new ones take the connections
-
-
 def _remove(target: tg.Target, name: str) -> None:
     """Drop an uploaded file from the store (as root: the bench owns these stacks)."""
     assert target.stack is not None
@@ -150,10 +134,10 @@ def _remove(target: tg.Target, name: str) -> None:
         (Path(target.stack.settings.artifacts_uri) / "bench" / name).unlink()
 
 
-def measure(bare: tg.Target, trackgate: tg.Target, work: Path, size: int,
-            rounds: int) -> dict[str, Any]:
-    """Uploads (direct, trackgate buffered, trackgate unbuffered) and downloads (trackgate vs
-    static nginx), interleaved round by round."""
+def measure(bare: tg.Target, trackgate: tg.Target, work: Path, size: int, rounds: int,
+            through_mlflow: tg.Target | None = None) -> dict[str, Any]:
+    """Uploads (direct, trackgate as shipped, and trackgate with the body through MLflow if
+    given) and downloads (trackgate vs static nginx), interleaved round by round."""
     source = work / "transfer.bin"
     with open(source, "wb") as f:
         f.truncate(size)  # zeros, sparse: nothing on the path compresses them
@@ -161,7 +145,10 @@ def measure(bare: tg.Target, trackgate: tg.Target, work: Path, size: int,
     artifact_root = Path(trackgate.stack.settings.artifacts_uri)
     bare_root = work / "bare" / "artifacts"
     result: dict[str, Any] = {"bytes": size, "upload": {}, "download": {}}
-    up: dict[str, list[float]] = {"direct": [], "buffered": [], "unbuffered": []}
+    targets = {"direct": bare, "shipped": trackgate}
+    if through_mlflow is not None:
+        targets["mlflow"] = through_mlflow
+    up: dict[str, list[float]] = {name: [] for name in targets}
     # The file to download: uploaded through trackgate, so it is the store's own file.
     upload(trackgate, source, "download.bin")
     with static_nginx(work, artifact_root) as static:
@@ -171,28 +158,27 @@ def measure(bare: tg.Target, trackgate: tg.Target, work: Path, size: int,
             down["static"].append(download(static, "/bench/download.bin"))
             print(f"  download trackgate {down['trackgate'][-1]:.2f} s, nginx static "
                   f"{down['static'][-1]:.2f} s", flush=True)
+    names = list(targets)
     for round_no in range(rounds):
-        for variant in ("direct", "buffered", "unbuffered"):
-            target = bare if variant == "direct" else trackgate
-            if variant != "direct":
-                set_upload_buffering(trackgate, variant == "buffered")
+        shift = round_no % len(names)  # the order rotated each round
+        for variant in names[shift:] + names[:shift]:
+            target = targets[variant]
             name = f"up-{round_no}-{variant}.bin"
             up[variant].append(upload(target, source, name))
             if variant == "direct":
                 with contextlib.suppress(FileNotFoundError):
                     (bare_root / "bench" / name).unlink()
             else:
-                _remove(trackgate, name)
-        print(f"  upload direct {up['direct'][-1]:.2f} s, buffered {up['buffered'][-1]:.2f} s,"
-              f" unbuffered {up['unbuffered'][-1]:.2f} s", flush=True)
-    set_upload_buffering(trackgate, True)  # as shipped again
+                _remove(target, name)
+        print("  upload " + ", ".join(f"{v} {up[v][-1]:.2f} s" for v in names)
+              + f" (load {os.getloadavg()[0]:.1f})", flush=True)
     _remove(trackgate, "download.bin")
     source.unlink()
     result["download"] = {k: v for k, v in down.items()}
     result["download_ratios"] = [a / b for a, b in zip(down["trackgate"], down["static"],
                                                         strict=True)]
     result["upload"] = up
-    for variant in ("buffered", "unbuffered"):
+    for variant in names[1:]:
         result[f"upload_ratio_{variant}"] = [d / t for d, t in zip(up["direct"], up[variant],
                                                                    strict=True)]
     return result

@@ -6,7 +6,8 @@ gzipped, where it pays). Members:
 
 - ``database/mlflow.db.gz`` (sqlite online backup, see database.backup) or
   ``database/mlflow.pgdump`` (``pg_dump -Fc`` from an exported snapshot);
-- ``artifacts/...``: the local artifact store, file by file;
+- ``artifacts/...``: the local artifact store, file by file; or ``bucket/...``: every object
+  under an S3 destination's prefix (key relative to the prefix), streamed from the store;
 - ``users/htpasswd``, ``tls/...`` (the local CA and keys), ``tls-custom/{cert,key}.pem`` (an
   operator's certificate), ``data/...`` (any other file in the data dir, e.g. secret keys);
 - ``settings.env``: the ``TRACKGATE_*`` values, database password redacted;
@@ -44,6 +45,7 @@ from typing import IO, Any
 
 from . import __version__, accounts, database
 from .processes import any_free_port
+from .server import objectstore
 from .settings import ENV_PREFIX, Settings, _redact
 
 FORMAT = "trackgate-backup"
@@ -51,13 +53,15 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.json.sha256"
 SQLITE_MEMBER = "database/mlflow.db.gz"
+BUCKET_TREE = "bucket"  # objects of an s3:// destination; "artifacts" holds a local store's files
 PG_MEMBER = "database/mlflow.pgdump"
 SETTINGS_MEMBER = "settings.env"
 RESTORED_SETTINGS = "backup-settings.env"  # where restore leaves the archived settings
 PROGRESS_EVERY_S = 3.0
 _CHUNK = 1 << 20
 # Entries of the data dir that are runtime state or have their own member.
-_NOT_DATA = {"run", "logs", "backups", "serving", "artifacts", "tls", RESTORED_SETTINGS}
+_NOT_DATA = {"run", "logs", "backups", "serving", "artifacts", "tls", RESTORED_SETTINGS,
+             "artifacts.uploads"}  # nginx's upload bodies in flight (server/uploads.py)
 # MLflow writes an artifact to a hidden temp file, then renames it: temp files are not data.
 _UPLOADING_PREFIX = ".artifact.uploading."
 _SETTINGS_FILE = "trackgate.env"  # settings.SETTINGS_FILE_NAME: restored as data/trackgate.env
@@ -128,17 +132,102 @@ def _disk_errors(action: str) -> Iterator[None]:
         raise BackupError(f"{action} failed: {exc.strerror or exc}{where}") from exc
 
 
-def _local_artifacts(settings: Settings) -> Path:
+def _local_artifacts(settings: Settings) -> Path | None:
+    """The local artifact directory; None for an s3:// destination (see _Bucket)."""
     uri = settings.artifacts_uri
+    if objectstore.is_s3(uri):
+        return None
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     if "://" in uri:
         raise BackupError(
-            f"artifacts live in an object store ({uri}): backing up a bucket is not implemented "
-            "yet (it comes with the scale-out work); copy the bucket with your provider's tools "
-            "(e.g. `rclone sync --checksum`) and back up the rest with a local artifact store"
+            f"artifacts live in {uri}: trackgate backs up a local directory or an s3:// "
+            "destination only; copy this store with its own tools"
         )
     return Path(uri)
+
+
+class _Bucket:
+    """The objects under an s3:// destination's prefix, through the tracking server's own boto3
+    client setup (endpoint, region, keys); every S3 error becomes one BackupError sentence."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.uri = settings.artifacts_uri
+        self.bucket, prefix = objectstore.split_s3(self.uri)
+        # With a trailing slash: s3://b/team must not take in s3://b/team-b's objects.
+        self.prefix = f"{prefix}/" if prefix else ""
+        with self.errors():
+            self.where = objectstore.endpoint_name(settings)
+            self.client = objectstore.client_for(settings)
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except objectstore.ObjectStoreError as exc:
+            raise BackupError(str(exc)) from None
+        except (BotoCoreError, ClientError, ValueError) as exc:
+            raise BackupError(
+                str(objectstore.explain(exc, self.uri, getattr(self, "where", "S3")))
+            ) from None
+
+    def check(self) -> None:
+        with self.errors():
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def _listing(self) -> Iterator[dict[str, Any]]:
+        with self.errors():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                yield from page.get("Contents", [])
+
+    def objects(self, say: Say = _quiet) -> Iterator[tuple[str, str, int]]:
+        """(path relative to the prefix, key, size) of every artifact object, in key order."""
+        for obj in self._listing():
+            rel = obj["Key"][len(self.prefix) :]
+            # `up`'s write probe (deleted at once) and "directory" markers are no artifacts.
+            if not rel or rel.endswith("/") or rel == objectstore.PROBE_KEY:
+                continue
+            parts = rel.split("/")
+            if any(part in ("", ".", "..") for part in parts):
+                # MLflow never makes such a key; a restore could not put it back where it was.
+                say(f"backup: skipped object {obj['Key']!r}: not a plain path under the prefix")
+                continue
+            yield rel, obj["Key"], obj["Size"]
+
+    def occupied(self) -> int:
+        with self.errors():
+            found = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        return int(found.get("KeyCount", len(found.get("Contents", []))))
+
+    def key(self, rel: PurePosixPath) -> str:
+        return self.prefix + rel.as_posix()
+
+    def where_text(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def delete_all(self) -> None:
+        """Every object under the prefix (--force, or undoing a failed restore)."""
+        with self.errors():
+            keys = [obj["Key"] for obj in self._listing()]
+            for i in range(0, len(keys), 1000):
+                self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+                )
+
+
+def _bucket(settings: Settings) -> _Bucket | None:
+    return _Bucket(settings) if objectstore.is_s3(settings.artifacts_uri) else None
+
+
+def _artifact_path(member: str) -> str:
+    """An artifact member's path under the artifact root, whichever tree holds it."""
+    return member.split("/", 1)[1]
 
 
 def _safe_name(name: str) -> PurePosixPath:
@@ -301,6 +390,9 @@ def _check_source(settings: Settings) -> None:
     if not os.access(data_dir, os.R_OK | os.X_OK):
         raise BackupError(f"cannot read the data dir {data_dir}: permission denied")
     _local_artifacts(settings)
+    bucket = _bucket(settings)
+    if bucket is not None:
+        bucket.check()  # before the database dump: a wrong key fails in a second
 
 
 def _size(path: Path) -> int:
@@ -315,7 +407,7 @@ def _collect(settings: Settings) -> list[_Source]:
     data_dir = settings.data_dir
     sources: list[_Source] = []
     artifacts = _local_artifacts(settings)
-    if artifacts.is_dir():
+    if artifacts is not None and artifacts.is_dir():
         for path in sorted(_walk(artifacts)):
             rel = path.relative_to(artifacts).as_posix()
             if not path.name.startswith(_UPLOADING_PREFIX):
@@ -339,7 +431,9 @@ def _collect(settings: Settings) -> list[_Source]:
         name = entry.name
         if name in skip or name.startswith(f".{settings.htpasswd.name}.") or name.endswith(".lock"):
             continue
-        if entry == artifacts or (entry.is_dir() and artifacts.is_relative_to(entry)):
+        if artifacts is not None and (
+            entry == artifacts or (entry.is_dir() and artifacts.is_relative_to(entry))
+        ):
             continue
         files = sorted(_walk(entry)) if entry.is_dir() else [entry] if entry.is_file() else []
         for path in files:
@@ -382,6 +476,59 @@ def _add_file(tar: tarfile.TarFile, member: str, path: Path, progress: _Progress
         reader = _HashingReader(f, st.st_size, progress)
         tar.addfile(info, reader)  # type: ignore[arg-type]
     return {"size": st.st_size, "sha256": reader.digest.hexdigest()}
+
+
+class _ObjectReader:
+    """Feeds one S3 object to tarfile as it arrives (never whole in memory), hashing it."""
+
+    def __init__(self, body: Any, size: int, name: str, progress: _Progress) -> None:
+        self.body, self.left, self.name, self.progress = body, size, name, progress
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.body.read(n)
+        while 0 < len(data) < n:  # a socket read may return less than asked
+            more = self.body.read(n - len(data))
+            if not more:
+                break
+            data += more
+        if len(data) < n:
+            raise BackupError(
+                f"object {self.name} ended early while it was read; run the backup again"
+            )
+        self.left -= len(data)
+        self.digest.update(data)
+        self.progress.add(len(data))
+        return data
+
+
+def _add_object(
+    tar: tarfile.TarFile, bucket: _Bucket, rel: str, key: str, progress: _Progress
+) -> dict[str, Any] | None:
+    """One object as member bucket/REL; None if it was deleted since it was listed."""
+    from botocore.exceptions import ClientError
+
+    with bucket.errors():
+        try:
+            obj = bucket.client.get_object(Bucket=bucket.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None  # deleted since the listing (a deleted run's artifacts)
+            raise
+        size = int(obj["ContentLength"])  # this version's size, not the listing's
+        info = tarfile.TarInfo(f"{BUCKET_TREE}/{rel}")
+        info.size, info.mode = size, 0o600
+        info.mtime = int(obj["LastModified"].timestamp()) if obj.get("LastModified") else 0
+        reader = _ObjectReader(obj["Body"], size, key, progress)
+        try:
+            tar.addfile(info, reader)  # type: ignore[arg-type]
+        finally:
+            obj["Body"].close()
+    entry: dict[str, Any] = {"size": size, "sha256": reader.digest.hexdigest()}
+    if obj.get("ContentType"):
+        entry["content_type"] = obj["ContentType"]
+    return entry
 
 
 def _add_bytes(tar: tarfile.TarFile, member: str, data: bytes, mode: int = 0o600) -> dict[str, Any]:
@@ -488,7 +635,17 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
             # Then the files, listed after the snapshot: an artifact acknowledged before it is
             # on disk by now (MLflow publishes each one by renaming a finished temp file).
             sources = _collect(settings)
-            total = sum(_size(s.path) for s in sources) + db_file.stat().st_size
+            # Likewise the bucket's objects, listed after the snapshot (README "Backup and
+            # restore" says why none the snapshot refers to can be missing).
+            bucket = _bucket(settings)
+            objects = list(bucket.objects(say)) if bucket is not None else []
+            if bucket is not None:
+                say(f"backup: {len(objects)} objects under {bucket.where_text()} to copy")
+            total = (
+                sum(_size(s.path) for s in sources)
+                + sum(size for _rel, _key, size in objects)
+                + db_file.stat().st_size
+            )
             progress = _Progress("backup", total, say)
             members: dict[str, dict[str, Any]] = {}
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -500,6 +657,12 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
             ):
                 members[db_member] = {**_add_file(tar, db_member, db_file, progress), "role": "db"}
                 artifact_bytes = 0
+                for rel, key, _listed in objects:
+                    assert bucket is not None
+                    entry = _add_object(tar, bucket, rel, key, progress)
+                    if entry is not None:
+                        members[f"{BUCKET_TREE}/{rel}"] = {**entry, "role": "artifact"}
+                        artifact_bytes += entry["size"]
                 for source in sources:
                     try:
                         entry = _add_file(tar, source.member, source.path, progress)
@@ -531,6 +694,8 @@ def backup(settings: Settings, output: Path | None = None, *, say: Say = _quiet)
                     "artifacts": {
                         "files": sum(1 for m in members.values() if m["role"] == "artifact"),
                         "bytes": artifact_bytes,
+                        # Where they came from (no secret in it): s3://BUCKET/PREFIX or "local".
+                        "store": bucket.where_text() if bucket is not None else "local",
                     },
                     "members": members,
                 }
@@ -682,10 +847,19 @@ class RestoreResult:
         )
 
 
-def _targets(settings: Settings, manifest: dict[str, Any]) -> dict[str, Path | None]:
-    """Where each member goes (None: a member this target does not use)."""
+@dataclass(frozen=True)
+class _ObjectTarget:
+    key: str  # in the target settings' bucket
+
+
+def _targets(
+    settings: Settings, manifest: dict[str, Any], bucket: _Bucket | None
+) -> dict[str, Path | _ObjectTarget | None]:
+    """Where each member goes (None: a member this target does not use). Artifacts go to the
+    target's store whichever store they came from: a bucket's objects can land in a local
+    directory (that is how verify serves them) and a directory's files in a bucket."""
     artifacts = _local_artifacts(settings)
-    where: dict[str, Path | None] = {}
+    where: dict[str, Path | _ObjectTarget | None] = {}
     for name in manifest["members"]:
         rel = _safe_name(name)
         top, rest = rel.parts[0], PurePosixPath(*rel.parts[1:]) if len(rel.parts) > 1 else None
@@ -693,8 +867,12 @@ def _targets(settings: Settings, manifest: dict[str, Any]) -> dict[str, Path | N
             where[name] = settings.sqlite_path
         elif name == PG_MEMBER:
             where[name] = None  # pg_restore reads it from a temp file
-        elif top == "artifacts" and rest is not None:
-            where[name] = artifacts / rest
+        elif top in ("artifacts", BUCKET_TREE) and rest is not None:
+            if bucket is not None:
+                where[name] = _ObjectTarget(bucket.key(rest))
+            else:
+                assert artifacts is not None
+                where[name] = artifacts / rest
         elif name == "users/htpasswd":
             where[name] = settings.htpasswd
         elif top == "tls" and rest is not None:
@@ -712,7 +890,7 @@ def _targets(settings: Settings, manifest: dict[str, Any]) -> dict[str, Path | N
     return where
 
 
-def _occupied(settings: Settings, manifest: dict[str, Any]) -> list[str]:
+def _occupied(settings: Settings, manifest: dict[str, Any], bucket: _Bucket | None) -> list[str]:
     """What already exists where the restore would write."""
     found = []
     if settings.data_dir.is_dir():
@@ -720,9 +898,11 @@ def _occupied(settings: Settings, manifest: dict[str, Any]) -> list[str]:
     elif settings.data_dir.exists():
         found.append(str(settings.data_dir))
     artifacts = _local_artifacts(settings)
-    outside = not artifacts.is_relative_to(settings.data_dir)
-    if outside and artifacts.is_dir() and any(artifacts.iterdir()):
+    outside = artifacts is not None and not artifacts.is_relative_to(settings.data_dir)
+    if outside and artifacts is not None and artifacts.is_dir() and any(artifacts.iterdir()):
         found.append(str(artifacts))
+    if bucket is not None and bucket.occupied():
+        found.append(f"objects under {bucket.where_text()}")
     if not settings.htpasswd.is_relative_to(settings.data_dir) and settings.htpasswd.exists():
         found.append(str(settings.htpasswd))
     if manifest["database"]["kind"] == "postgresql" and _pg_has_tables(settings):
@@ -799,24 +979,31 @@ def restore(
         raise BackupError(
             f"trackgate is running in {settings.data_dir}: stop it first (`trackgate down`)"
         )
+    bucket = _bucket(settings)
     with _disk_errors(f"inspecting {settings.data_dir}"):
-        occupied = _occupied(settings, manifest)
+        occupied = _occupied(settings, manifest, bucket)
     if occupied and not force:
         shown = ", ".join(occupied[:4]) + (" ..." if len(occupied) > 4 else "")
+        if bucket is None:
+            raise BackupError(
+                f"{settings.data_dir} is not empty ({shown}): restore into an empty data dir, "
+                "or add --force to replace its database, artifacts, users, TLS files and settings"
+            )
         raise BackupError(
-            f"{settings.data_dir} is not empty ({shown}): restore into an empty data dir, "
-            "or add --force to replace its database, artifacts, users, TLS files and settings"
+            f"the restore target is not empty ({shown}): restore into an empty data dir "
+            f"({settings.data_dir}), database and bucket prefix, or add --force to replace its "
+            "database, users, TLS files, settings and every object under the prefix"
         )
-    where = _targets(settings, manifest)
+    where = _targets(settings, manifest, bucket)
     notes: list[str] = []
     total = sum(m["size"] for m in manifest["members"].values())
     progress = _Progress("restore", total, say)
     try:
         with _disk_errors(f"restoring into {settings.data_dir}"):
-            _lay_down(settings, archive, manifest, where, progress, notes, force=force)
+            _lay_down(settings, archive, manifest, where, bucket, progress, notes, force=force)
     except BaseException:
         if not occupied:  # it was empty: leave it empty, so a second try needs no --force
-            _empty(settings)
+            _empty(settings, bucket)
         raise
     notes += _settings_notes(settings, manifest, settings.data_dir / RESTORED_SETTINGS)
     return RestoreResult(
@@ -829,7 +1016,7 @@ def restore(
     )
 
 
-def _empty(settings: Settings) -> None:
+def _empty(settings: Settings, bucket: _Bucket | None) -> None:
     if settings.data_dir.is_dir():
         for entry in settings.data_dir.iterdir():
             if entry.is_dir() and not entry.is_symlink():
@@ -837,8 +1024,15 @@ def _empty(settings: Settings) -> None:
             else:
                 entry.unlink(missing_ok=True)
     artifacts = _local_artifacts(settings)
-    if not artifacts.is_relative_to(settings.data_dir) and artifacts.is_dir():
+    if (
+        artifacts is not None
+        and not artifacts.is_relative_to(settings.data_dir)
+        and artifacts.is_dir()
+    ):
         shutil.rmtree(artifacts, ignore_errors=True)
+    if bucket is not None:
+        with contextlib.suppress(BackupError):  # the store may be what failed
+            bucket.delete_all()
     if not settings.htpasswd.is_relative_to(settings.data_dir):
         settings.htpasswd.unlink(missing_ok=True)
 
@@ -847,7 +1041,8 @@ def _lay_down(
     settings: Settings,
     archive: Path,
     manifest: dict[str, Any],
-    where: dict[str, Path | None],
+    where: dict[str, Path | _ObjectTarget | None],
+    bucket: _Bucket | None,
     progress: _Progress,
     notes: list[str],
     *,
@@ -856,7 +1051,7 @@ def _lay_down(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     if force:
-        _clear_for_restore(settings, manifest)
+        _clear_for_restore(settings, manifest, bucket)
     pg_dump_file: Path | None = None
     with _open_archive(archive) as (tar, _manifest):
         for info in tar.getmembers():
@@ -869,6 +1064,10 @@ def _lay_down(
                 dest = pg_dump_file
             if dest is None:
                 notes.append(f"{info.name} not restored: these settings do not use it")
+                continue
+            if isinstance(dest, _ObjectTarget):
+                assert bucket is not None
+                _upload(tar, info, bucket, dest.key, want, progress)
                 continue
             _extract(tar, info, dest, want, progress, gunzip=info.name == SQLITE_MEMBER)
     if pg_dump_file is not None:
@@ -891,19 +1090,81 @@ def _give_to_service_account(settings: Settings) -> None:
     if own.is_file():
         os.chown(own, os.geteuid(), os.getegid())
     artifacts = _local_artifacts(settings)
-    if artifacts.is_dir() and not artifacts.is_relative_to(settings.data_dir):
+    if (
+        artifacts is not None
+        and artifacts.is_dir()
+        and not artifacts.is_relative_to(settings.data_dir)
+    ):
         accounts.give_to(account, artifacts)
 
 
-def _clear_for_restore(settings: Settings, manifest: dict[str, Any]) -> None:
+def _clear_for_restore(
+    settings: Settings, manifest: dict[str, Any], bucket: _Bucket | None
+) -> None:
     """--force: remove what the archive replaces, so the result is the archive, not a mix."""
-    shutil.rmtree(_local_artifacts(settings), ignore_errors=True)
+    artifacts = _local_artifacts(settings)
+    if artifacts is not None:
+        shutil.rmtree(artifacts, ignore_errors=True)
+    if bucket is not None:
+        bucket.delete_all()
     shutil.rmtree(settings.tls_dir, ignore_errors=True)
     sqlite_file = settings.sqlite_path
     if sqlite_file is not None:
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{sqlite_file}{suffix}").unlink(missing_ok=True)
     settings.htpasswd.unlink(missing_ok=True)
+
+
+_PART = 16 * _CHUNK  # S3 multipart part size: the most of one object held in memory
+
+
+def _upload(
+    tar: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    bucket: _Bucket,
+    key: str,
+    want: dict[str, Any],
+    progress: _Progress,
+) -> None:
+    """Stream one member into the target bucket, one part at a time (bounded memory: boto3's
+    own uploader buffers several parts of a non-seekable stream), hashing it on the way."""
+    src = tar.extractfile(info)
+    if src is None:
+        raise BackupError(f"archive member {info.name} is not a file")
+    client, name = bucket.client, bucket.bucket
+    extra = {"ContentType": want["content_type"]} if want.get("content_type") else {}
+    digest = hashlib.sha256()
+
+    def part() -> bytes:
+        data = src.read(_PART)
+        digest.update(data)
+        progress.add(len(data))
+        return data
+
+    with bucket.errors():
+        first = part()
+        if len(first) < _PART:  # one request
+            client.put_object(Bucket=name, Key=key, Body=first, **extra)
+        else:
+            upload = client.create_multipart_upload(Bucket=name, Key=key, **extra)["UploadId"]
+            try:
+                parts, data, number = [], first, 1
+                while data:
+                    tag = client.upload_part(
+                        Bucket=name, Key=key, UploadId=upload, PartNumber=number, Body=data
+                    )["ETag"]
+                    parts.append({"ETag": tag, "PartNumber": number})
+                    data, number = part(), number + 1
+                client.complete_multipart_upload(
+                    Bucket=name, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    client.abort_multipart_upload(Bucket=name, Key=key, UploadId=upload)
+                raise
+        if digest.hexdigest() != want["sha256"]:
+            client.delete_object(Bucket=name, Key=key)
+            raise BackupError(f"{info.name} changed since it was checked; nothing more restored")
 
 
 def _extract(
@@ -1019,6 +1280,9 @@ def _scratch_settings(
         "https_port": any_free_port(),
         "tracking_port": any_free_port(),
         "gateway_port": any_free_port(),
+        # Not the live stack's metrics ports (by default 9180/9181, taken while it runs).
+        "metrics_port": any_free_port(),
+        "nginx_exporter_port": any_free_port(),
         "tracking_upstream": None,
         "gateway_upstream": None,
         # Every path derived from the scratch data dir (None: the settings' own default).
@@ -1205,7 +1469,7 @@ def _check_served(
     step = max(1, len(artifacts) // 25)
     sample = artifacts[::step][:25]
     for name, want in sample:
-        rel = name.removeprefix("artifacts/")
+        rel = _artifact_path(name)
         answer = api.session.get(
             f"{api.base}/api/2.0/mlflow-artifacts/artifacts/{rel}",
             stream=True,

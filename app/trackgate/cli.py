@@ -45,6 +45,7 @@ def _default_text(name: str) -> str:
             "bcrypt_concurrency": "CPU count - 1",
             "extra_hostnames": "none",
             "trusted_proxies": "none",
+            "served_models": "none",
         }[name]
     return "derived" if field.default is None else str(field.default)
 
@@ -580,9 +581,28 @@ def serve_cmd(server: str, **values: Any) -> None:
 @click.option(
     "--workers", type=int, default=1, show_default=True, help="Scoring server worker processes."
 )
+@click.option(
+    "--address",
+    help="Listen on unix:/absolute/path or a private host:port (never a public IP) instead of "
+    "a socket in a private temporary dir: for nginx on another host or in another container.",
+)
+@click.option(
+    "--publish/--no-publish",
+    default=True,
+    show_default=True,
+    help="Add the nginx location and reload nginx. --no-publish: nginx elsewhere publishes "
+    "NAME=ADDRESS of its TRACKGATE_SERVED_MODELS (compose, Ansible).",
+)
+@click.option(
+    "--connect-to",
+    metavar="HOST",
+    help="Reach the tracking URI's server at HOST, keeping its name for TLS and Host "
+    "(compose: nginx's service name).",
+)
 @setting_options("data_dir")
 @_guard
-def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> None:
+def serve_model_cmd(model_uri: str, name: str, workers: int, address: str | None,
+                    publish: bool, connect_to: str | None, **values: Any) -> None:
     """Serve MODEL_URI (e.g. models:/NAME@champion) with the MLflow scoring server and publish
     it through nginx behind the same login, until Ctrl-C. The model is downloaded through the
     proxy with the exported MLFLOW_TRACKING_* credentials; it then runs with none of them, on a
@@ -593,10 +613,17 @@ def serve_model_cmd(model_uri: str, name: str, workers: int, **values: Any) -> N
     settings = stack.recorded_settings(_settings(values))
 
     def ready(published: serving.Published) -> None:
-        click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
+        if publish:
+            click.echo(f"serving {model_uri} at {published.url} (Ctrl-C stops and unpublishes)")
+        else:
+            click.echo(f"serving {model_uri} on {published.upstream.removesuffix(':')} for "
+                       f"{published.url} (published by TRACKGATE_SERVED_MODELS)")
 
-    code = serving.serve_model(settings, model_uri, name, workers=workers, on_ready=ready)
-    click.echo(f"stopped serving {name}; /serving/{name}/ is unpublished")
+    code = serving.serve_model(settings, model_uri, name, workers=workers, address=address,
+                               publish_location=publish, connect_host=connect_to,
+                               on_ready=ready)
+    click.echo(f"stopped serving {name}" + (f"; /serving/{name}/ is unpublished"
+                                            if publish else ""))
     sys.exit(code)
 
 
@@ -797,7 +824,8 @@ def db_backup(output: Path | None, **values: Any) -> None:
 
 # --- backup and restore (see backup.py) -------------------------------------------------------
 
-BACKUP_OPTIONS = ("data_dir", "backend_store_uri", "artifacts_destination", "htpasswd_path")
+BACKUP_OPTIONS = ("data_dir", "backend_store_uri", "artifacts_destination", "htpasswd_path",
+                  "s3_endpoint_url", "s3_credentials_file")
 
 
 def _say(message: str) -> None:
@@ -834,8 +862,9 @@ def _say(message: str) -> None:
 def backup_cmd(
     output: Path | None, verify_archive: Path | None, keep: int | None, **values: Any
 ) -> None:
-    """One archive of the database, artifacts, users, TLS files, secrets and settings, consistent
-    while clients keep writing (mode 0600), with a manifest of sha256 sums."""
+    """One archive of the database, artifacts (a local dir or every object under an s3://
+    destination's prefix), users, TLS files, secrets and settings, consistent while clients keep
+    writing (mode 0600), with a manifest of sha256 sums."""
     from . import backup
 
     settings = _settings(values)
@@ -861,11 +890,16 @@ def backup_cmd(
 
 @cli.command("restore")
 @click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Replace what a non-empty data dir holds.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace what a non-empty data dir holds (and every object under an s3:// prefix).",
+)
 @setting_options(*BACKUP_OPTIONS)
 @_guard
 def restore_cmd(archive: Path, force: bool, **values: Any) -> None:
-    """Restore ARCHIVE into the (empty) data dir: every checksum is checked before anything is
+    """Restore ARCHIVE into the (empty) data dir, database and artifact store (an s3://
+    destination's prefix must hold no object): every checksum is checked before anything is
     written; then `trackgate up` serves it with the same users, CA and data."""
     from . import backup
 

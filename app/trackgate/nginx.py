@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import accounts
+from . import accounts, served
 from .settings import Settings
 from .shipped import shipped_dir
 
@@ -52,8 +52,11 @@ class NginxContext:
     trusted_proxies: list[str]
     public_origins: list[str]
     extra_includes: list[str] = field(default_factory=list)
+    # Locations of TRACKGATE_SERVED_MODELS, rendered from serving-location.conf.j2.
+    served_locations: list[str] = field(default_factory=list)
     proxy_secret: str = ""  # sent to the tracking servers only (see server/proxyauth.py)
     artifact_files_dir: str = ""  # nginx sends downloads from here (server/downloads.py)
+    upload_files_dir: str = ""  # nginx writes artifact upload bodies here (server/uploads.py)
     # The metrics listener and where nginx sends its per-request metrics lines (issue 17).
     metrics: bool = False
     metrics_listen: str = ""
@@ -108,6 +111,8 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
         metrics_listen=_host_port(settings.metrics_address, settings.metrics_port),
         metrics_log=settings.metrics_log_address,
         base_path=settings.base_path,
+        served_locations=[render_serving_location(name, address)
+                          for name, address in map(served.parse_entry, settings.served_models)],
     )
     if settings.proxy_secret_file is not None:
         from .server.proxyauth import read_secret
@@ -116,6 +121,12 @@ def context(settings: Settings, *, standalone: bool) -> NginxContext:
     if standalone:
         cert, key = settings.served_cert_files
         ctx.cert_file, ctx.key_file = str(cert), str(key)
+        # Only nginx on the tracking server's machine, as its account: `trackgate up` (an
+        # Ansible host's nginx is another account; compose's another container).
+        # Absolute, as the tracking server compares it (nginx would read a relative path
+        # against its prefix, the tracking server against the shared working directory).
+        upload_dir = settings.nginx_upload_dir
+        ctx.upload_files_dir = os.path.abspath(upload_dir) if upload_dir is not None else ""
         logs = settings.logs
         ctx.pid_file = str(settings.nginx_runtime_dir / "nginx.pid")
         ctx.temp_dir = str(settings.nginx_runtime_dir / "nginx-temp")
@@ -150,13 +161,35 @@ class ServingContext:
     """What serving-location.conf.j2 sees, as `tg.<name>`."""
 
     name: str
-    upstream: str
+    upstream: str  # nginx's notation: unix:/path/model.sock: or host:port
+    resolver: str = ""  # set when upstream names a host: nginx resolves it per request
 
 
-def render_serving_location(name: str, upstream: str) -> str:
-    """The location publishing one model of `trackgate serve-model` at /serving/NAME/."""
+def render_serving_location(name: str, address: str | served.Address) -> str:
+    """The location publishing one model at /serving/NAME/: `serve-model`'s own socket, or an
+    address another process serves it on (TRACKGATE_SERVED_MODELS)."""
+    if isinstance(address, str):
+        address = served.parse_address(address)
+    served.check_name(name)
+    resolver = system_resolver() if address.is_name else ""
     template = _environment().get_template(SERVING_TEMPLATE)
-    return template.render(tg=ServingContext(name, upstream))
+    return template.render(tg=ServingContext(name, address.upstream, resolver))
+
+
+def system_resolver(resolv_conf: Path = Path("/etc/resolv.conf")) -> str:
+    """The first nameserver of this host (in a compose container Docker's, 127.0.0.11), for a
+    scoring server named by host: nginx resolves the name at request time, so a container that
+    is not running yet (or any more) neither stops nginx from starting nor leaves a stale IP."""
+    try:
+        lines = resolv_conf.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            return f"[{parts[1]}]" if ":" in parts[1] else parts[1]
+    raise NginxError(f"no nameserver in {resolv_conf} to resolve a served model's host name: "
+                     "give its address as an IP (host:port) or a Unix socket")
 
 
 def write_if_changed(path: Path, text: str, *, check: bool = False, mode: int = 0o600) -> bool:

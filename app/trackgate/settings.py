@@ -79,6 +79,14 @@ class Settings(BaseSettings):
             "/etc/trackgate/serving."
         ),
     )
+    served_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Models another process serves (compose's serving profile, the Ansible role's "
+            "units), published at /serving/NAME/ behind the login: NAME=ADDRESS, comma-separated, "
+            "ADDRESS unix:/path or host:port (never public). nginx answers 503 while one is down."
+        ),
+    )
     socket_dir: Path | None = Field(
         default=None, description="Where the Unix sockets live; default data_dir/run/sockets."
     )
@@ -141,6 +149,16 @@ class Settings(BaseSettings):
             "Who sends artifact downloads of a local artifact store: 'nginx' (the tracking "
             "server checks and logs the request, then nginx sends the file: X-Accel-Redirect) "
             "or 'tracking' (MLflow streams it). nginx must be able to read the artifacts."
+        ),
+    )
+    artifact_uploads: Literal["nginx", "tracking"] = Field(
+        default="nginx",
+        description=(
+            "Who receives artifact uploads (PUT) to a local artifact store when nginx and the "
+            "tracking server share the machine (internal_transport=unix, `trackgate up`): "
+            "'nginx' (nginx writes the body to a file beside the store; the tracking server "
+            "checks the request as always, then links that file into place) or 'tracking' "
+            "(nginx passes the body to MLflow, which writes it)."
         ),
     )
     htpasswd_path: Path | None = Field(
@@ -337,11 +355,21 @@ class Settings(BaseSettings):
         "sign-on (and API tokens) log in.",
     )
 
-    @field_validator("extra_hostnames", "trusted_proxies", mode="before")
+    @field_validator("extra_hostnames", "trusted_proxies", "served_models", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("served_models")
+    @classmethod
+    def _valid_served_models(cls, value: list[str]) -> list[str]:
+        from .served import parse_entry
+
+        names = [parse_entry(entry)[0] for entry in value]  # AddressError is a ValueError
+        if len(set(names)) != len(names):
+            raise ValueError("a model name appears twice")
         return value
 
     @field_validator("trusted_proxies")
@@ -457,6 +485,18 @@ class Settings(BaseSettings):
         if self.artifact_downloads != "nginx" or "://" in self.artifacts_uri:
             return None
         return self.artifacts_uri
+
+    @property
+    def nginx_upload_dir(self) -> Path | None:
+        """Where nginx writes artifact upload bodies for the tracking server to link into the
+        store (server/uploads.py), or None (the body goes to MLflow). Beside the artifact root,
+        so on its filesystem, and outside it, so no artifact path names it."""
+        if self.artifact_uploads != "nginx" or "://" in self.artifacts_uri:
+            return None
+        if self.internal_transport != "unix" or self.tracking_upstream:
+            return None  # another host or container: the file would not be there
+        root = Path(self.artifacts_uri)
+        return root.with_name(f"{root.name}.uploads")
 
     @property
     def htpasswd(self) -> Path:

@@ -16,6 +16,9 @@ from ..infra.ready import BASE_IMAGE, ensure_docker
 from ..support import free_port
 from .harness import VARIANT_FILES, ComposeProject, ComposeStack, start, write_env_file
 
+# The model name of the profile "serving" (test_compose_serving.py), published by the sqlite stack.
+SERVED_MODEL = "compose-doubler"
+
 MONITORING = {
     "COMPOSE_PROFILES": "monitoring",
     "TRACKGATE_MONITORING_SCRAPE_INTERVAL": "1s",
@@ -45,8 +48,8 @@ def stack(request: pytest.FixtureRequest, compose_images: None,
     failed_before = request.session.testsfailed
     started = time.monotonic()
     # The sqlite stack also runs the profile "monitoring" (Prometheus, short intervals).
-    monitoring = {**MONITORING, "TRACKGATE_PROMETHEUS_PORT": str(free_port())} \
-        if variant == "sqlite" else {}
+    monitoring = {**MONITORING, "TRACKGATE_PROMETHEUS_PORT": str(free_port()),
+                  "TRACKGATE_SERVE_MODEL_NAME": SERVED_MODEL} if variant == "sqlite" else {}
     running = start(variant, tmp_path_factory.mktemp(f"compose-{variant}"), **monitoring)
     print(f"\ncompose stack ({variant}) healthy in {time.monotonic() - started:.0f} s")
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ..support import patched_environ
-from .harness import ComposeStack, docker, docker_env, start
+from .harness import COMPOSE_DIR, ComposeStack, docker, docker_env, start
 
 pytestmark = pytest.mark.compose
 
@@ -157,8 +158,26 @@ def test_the_object_store_is_not_published_and_clients_hold_no_keys(
     assert info["multipart_downloads_enabled"] is False
 
 
-def test_the_backup_line_refuses_rather_than_archive_an_empty_artifact_volume(
-        scaled: ComposeStack) -> None:
-    result = scaled.project.run("run", "--rm", "-T", "backup", check=False, timeout=300)
-    assert result.returncode != 0
-    assert "object store" in result.stderr, result.stderr[-2000:]
+def test_the_backup_line_archives_every_object_of_the_bucket_beside_the_database(
+        scaled: ComposeStack, tmp_path: Path) -> None:
+    """README's compose backup line on the scaled stack: the PostgreSQL dump, then every object
+    under the S3 prefix (the artifacts volume is empty here), each with its size and sha256."""
+    project = scaled.project
+    env = {**docker_env(), "COMPOSE_PROJECT_NAME": project.name,
+           "COMPOSE_FILE": os.pathsep.join(str(COMPOSE_DIR / name) for name in project.files),
+           "COMPOSE_ENV_FILES": str(project.env_file),
+           "TRACKGATE_ENV_FILE": str(project.env_file)}
+    line = "(umask 077 && docker compose run --rm -T backup > trackgate-backup.tar)"
+    proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = json.loads(project.exec("tracking", "python3", "-c", LIST_BUCKET).stdout)
+    listed = {k: size for k, size in listed.items() if not k.endswith(".trackgate-write-check")}
+    with tarfile.open(tmp_path / "trackgate-backup.tar") as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert names[0] == "database/mlflow.pgdump", names[:3]
+    archived = {"artifacts/" + name.removeprefix("bucket/"): entry["size"]
+                for name, entry in manifest["members"].items() if name.startswith("bucket/")}
+    assert listed and archived == listed
+    assert manifest["artifacts"]["store"] == "s3://mlflow/artifacts/"

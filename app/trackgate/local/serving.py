@@ -4,34 +4,39 @@ The model is downloaded through the proxy with the caller's exported credentials
 client machine would do), the MLflow pyfunc scoring server runs on loopback, and a location
 rendered from nginx/serving-location.conf.j2 publishes it at /serving/NAME/. Stopping (Ctrl-C,
 SIGTERM) removes the location again, so a stopped model never answers with a 502.
+
+Where nginx is not ours to reload (compose's serving profile, the Ansible role's units, a host
+without nginx), `--address` puts the scoring server on a fixed socket or private TCP address and
+`--no-publish` leaves publishing to TRACKGATE_SERVED_MODELS, rendered with the same template.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import signal
+import socket as socketlib
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import requests
 
-from .. import accounts, client, nginx
+from .. import accounts, client, nginx, served
 from ..accounts import Account
 from ..processes import die_with_parent, pid_alive
 from ..settings import Settings
 from .probe import internal_connection
 from .stack import StackError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = served.NAME_PATTERN
 START_TIMEOUT = 120.0
 
 
@@ -49,12 +54,40 @@ class Published:
 
 def validate_name(name: str) -> str:
     """Names become part of a URL and of nginx config: letters, digits, '.', '_', '-' only."""
-    if not NAME_PATTERN.match(name) or ".." in name:
-        raise ServingError(
-            f"{name!r} is not a serving name: use letters, digits, '.', '_' or '-' "
-            "(at most 64, starting with a letter or digit)"
-        )
-    return name
+    try:
+        return served.check_name(name)
+    except served.AddressError as exc:
+        raise ServingError(str(exc)) from None
+
+
+def parse_address(text: str) -> served.Address:
+    try:
+        return served.parse_address(text)
+    except served.AddressError as exc:
+        raise ServingError(str(exc)) from None
+
+
+@contextmanager
+def connect_to(url: str | None, host: str | None) -> Iterator[None]:
+    """Reach URL's server at HOST instead of the address its name resolves to, keeping the name
+    for TLS and Host (curl's --connect-to): compose's serving container reaches nginx by its
+    service name while the public name (often `localhost`) means something else in there."""
+    from urllib.parse import urlsplit
+
+    name = urlsplit(url or "").hostname
+    if not host or not name:
+        yield
+        return
+    real = socketlib.getaddrinfo
+
+    def pinned(target: object, *args: object, **kwargs: object) -> object:
+        return real(host if target == name else target, *args, **kwargs)  # type: ignore[arg-type]
+
+    socketlib.getaddrinfo = pinned  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        socketlib.getaddrinfo = real
 
 
 def location_file(settings: Settings, name: str) -> Path:
@@ -76,7 +109,7 @@ def download_model(model_uri: str, config: client.TrackingConfig, dst: Path) -> 
 
 
 def scoring_server(
-    model_path: Path, socket: Path, workers: int
+    model_path: Path, address: served.Address, workers: int, workdir: Path
 ) -> tuple[list[str], dict[str, str]]:
     """The server `mlflow models serve --env-manager local` runs, on a Unix socket, with this
     interpreter's uvicorn, and an environment that carries nothing of the caller's: the model
@@ -91,18 +124,19 @@ def scoring_server(
     env = {k: v for k, v in mlflow_env.items() if os.environ.get(k) != v}
     env.update({
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-        "HOME": str(socket.parent),
-        "TMPDIR": str(socket.parent),
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
     })
     app = argv[-1]
-    return [sys.executable, "-m", "uvicorn", "--uds", str(socket), "--workers", str(workers),
-            app], env
+    bind = ["--uds", address.socket] if address.socket else \
+        ["--host", address.host, "--port", str(address.port)]
+    return [sys.executable, "-m", "uvicorn", *bind, "--workers", str(workers), app], env
 
 
-def publish(settings: Settings, name: str, upstream: str) -> Path:
+def publish(settings: Settings, name: str, address: served.Address) -> Path:
     path = location_file(settings, name)
-    nginx.write_if_changed(path, nginx.render_serving_location(name, upstream), mode=0o644)
+    nginx.write_if_changed(path, nginx.render_serving_location(name, address), mode=0o644)
     try:
         nginx.reload(settings)
     except nginx.NginxError:
@@ -162,11 +196,13 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
-def _sandbox(settings: Settings, workdir: Path) -> Account | None:
-    """As root, the model runs as the model account and owns only its work dir, which the
-    service account (nginx workers) may pass to reach the socket; no one else may enter."""
+def _sandbox(settings: Settings, workdir: Path, *dirs: Path) -> Account | None:
+    """As root, the model runs as the model account and owns only its work dir (and the
+    directory of a given socket), which the service account (nginx workers) may pass to reach
+    the socket; no one else may enter."""
     if not accounts.running_as_root():
-        os.chmod(workdir, 0o700)
+        for path in (workdir, *dirs):
+            os.chmod(path, 0o700)
         return None
     model = accounts.lookup(settings.model_user)
     service = accounts.lookup(settings.service_user)
@@ -176,13 +212,30 @@ def _sandbox(settings: Settings, workdir: Path) -> Account | None:
                            "root) first, or set TRACKGATE_MODEL_USER to an unprivileged account")
     if model.uid == 0:
         raise ServingError("TRACKGATE_MODEL_USER must not be root: models are untrusted code")
-    accounts.give_to(Account(model.name, model.uid, service.gid), workdir)
-    os.chmod(workdir, 0o710)
+    for path in (workdir, *dirs):
+        accounts.give_to(Account(model.name, model.uid, service.gid), path)
+        os.chmod(path, 0o710)
     return model
 
 
-def _socket_answers(socket: Path) -> bool:
-    conn = internal_connection(f"unix:{socket}", timeout=5)
+def _own_socket_dir(directory: Path, socket: Path) -> None:
+    """A given socket's directory is handed to the model account (as root): it must be one of
+    its own, empty but for a killed server's socket, never a shared one such as /run or /tmp."""
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ServingError(f"cannot create the socket's directory {directory}: "
+                           f"{exc.strerror}") from None
+    if any(path != socket for path in directory.iterdir()):
+        raise ServingError(
+            f"{directory} holds other files: give the socket a directory of its own (it is "
+            "handed to the model account), e.g. unix:/run/trackgate-models/NAME/model.sock")
+    socket.unlink(missing_ok=True)  # a killed server's
+
+
+def _socket_answers(address: served.Address) -> bool:
+    where = f"unix:{address.socket}" if address.socket else address.upstream
+    conn = internal_connection(where, timeout=5)
     try:
         conn.request("GET", "/ping")
         return conn.getresponse().status == 200
@@ -198,37 +251,50 @@ def serve_model(
     name: str,
     *,
     workers: int = 1,
+    address: str | None = None,
+    publish_location: bool = True,
+    connect_host: str | None = None,
     on_ready: Callable[[Published], None] = lambda _p: None,
 ) -> int:
-    """Download, serve and publish until stopped; returns the scoring server's exit code."""
+    """Download, serve and (unless `publish_location` is off) publish until stopped; returns
+    the scoring server's exit code. `address`: a fixed socket or private host:port instead of
+    a socket in a private temporary dir; `connect_host`: see connect_to()."""
     validate_name(name)
+    listen = parse_address(address) if address else None
+    socket_dirs = [Path(listen.socket).parent] if listen and listen.socket else []
+    for directory in socket_dirs:
+        _own_socket_dir(directory, Path(listen.socket or ""))
+    if not model_uri.strip():
+        raise ServingError("no model URI: give one such as models:/NAME@champion")
     config = client.configure(env_file=".env")
     owner = _claim(settings, name)  # before the try: never unpublish another process's model
     workdir = Path(tempfile.mkdtemp(prefix=f"trackgate-serve-{name}-"))
-    socket = workdir / "model.sock"
+    listen = listen or served.Address(socket=str(workdir / "model.sock"))
     proc: subprocess.Popen[bytes] | None = None
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         (workdir / "model").mkdir()
-        model_path = download_model(model_uri, config, workdir / "model")
-        account = _sandbox(settings, workdir)
-        argv, env = scoring_server(model_path, socket, workers)
+        with connect_to(config.uri, connect_host):
+            model_path = download_model(model_uri, config, workdir / "model")
+        account = _sandbox(settings, workdir, *socket_dirs)
+        argv, env = scoring_server(model_path, listen, workers, workdir)
         extra = account.popen_kwargs() if account is not None else {}
         proc = subprocess.Popen(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
                                 preexec_fn=die_with_parent, **extra)
-        upstream = f"unix:{socket}:"  # nginx's notation for an HTTP upstream on a socket
-        _wait_until(lambda: _socket_answers(socket), proc, "it answered /ping")
-        path = publish(settings, name, upstream)
+        _wait_until(lambda: _socket_answers(listen), proc, "it answered /ping")
         base = f"{settings.public_url}/serving/{name}"
-        auth = (config.username, config.password or "") if config.username else None
-        verify: bool | str = config.cert_path or True
-        # nginx reloads asynchronously: ready means the public URL answers through the proxy.
-        _wait_until(
-            lambda: _answers(f"{base}/ping", auth=auth, verify=verify),
-            proc,
-            f"{base}/ping answered through nginx",
-        )
-        on_ready(Published(name, f"{base}/invocations", upstream, path))
+        path = location_file(settings, name)
+        if publish_location:
+            path = publish(settings, name, listen)
+            auth = (config.username, config.password or "") if config.username else None
+            verify: bool | str = config.cert_path or True
+            # nginx reloads asynchronously: ready means the public URL answers through the proxy.
+            _wait_until(
+                lambda: _answers(f"{base}/ping", auth=auth, verify=verify),
+                proc,
+                f"{base}/ping answered through nginx",
+            )
+        on_ready(Published(name, f"{base}/invocations", listen.upstream, path))
         return proc.wait()
     except _Stop:
         return 0
@@ -236,7 +302,8 @@ def serve_model(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            unpublish(settings, name)
+            if publish_location:
+                unpublish(settings, name)
         finally:
             if proc is not None and proc.poll() is None:
                 proc.terminate()

@@ -98,7 +98,7 @@ def _client(env: dict[str, str]) -> Any:
 def check(settings: Settings) -> None:
     """Reach the bucket with the server's keys and write, then delete, one small object: raise
     ObjectStoreError saying what is wrong (endpoint, keys, bucket, permissions)."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     uri = settings.artifacts_uri
     bucket, prefix = split_s3(uri)
@@ -111,30 +111,49 @@ def check(settings: Settings) -> None:
         key = posixpath.join(prefix, PROBE_KEY) if prefix else PROBE_KEY
         client.put_object(Bucket=bucket, Key=key, Body=b"ok")
         client.delete_object(Bucket=bucket, Key=key)
-    except NoCredentialsError:
-        raise ObjectStoreError(
+    except (BotoCoreError, ClientError, ValueError) as exc:
+        raise explain(exc, uri, where) from None
+
+
+def endpoint_name(settings: Settings) -> str:
+    """The endpoint as messages name it."""
+    return (s3_environment(settings).get("MLFLOW_S3_ENDPOINT_URL")
+            or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or "AWS S3")
+
+
+def client_for(settings: Settings) -> Any:
+    """A boto3 S3 client with the tracking server's endpoint, region and keys."""
+    return _client(s3_environment(settings))
+
+
+def explain(exc: Exception, uri: str, where: str) -> ObjectStoreError:
+    """One clear sentence for a boto3 error: no keys, wrong keys, no bucket, no endpoint."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    bucket = split_s3(uri)[0]
+    if isinstance(exc, NoCredentialsError):
+        return ObjectStoreError(
             f"no S3 keys for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-            "TRACKGATE_S3_CREDENTIALS_FILE") from None
-    except ClientError as exc:
+            "TRACKGATE_S3_CREDENTIALS_FILE")
+    if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchBucket"):
-            raise ObjectStoreError(
+            return ObjectStoreError(
                 f"the bucket {bucket!r} does not exist at {where}: create it, or fix "
-                "TRACKGATE_ARTIFACTS_DESTINATION") from None
+                "TRACKGATE_ARTIFACTS_DESTINATION")
         if status in (401, 403) or code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                                             "AccessDenied"):
-            raise ObjectStoreError(
+            return ObjectStoreError(
                 f"{where} refused the S3 keys for bucket {bucket!r} ({code or status}): check "
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or TRACKGATE_S3_CREDENTIALS_FILE); "
-                "they need read, list, write and delete on the bucket") from None
-        raise ObjectStoreError(f"{where} answered {code or status} for bucket {bucket!r}: "
-                               f"{error.get('Message', exc)}") from None
-    except (BotoCoreError, ValueError) as exc:
-        raise ObjectStoreError(
-            f"cannot reach the S3 endpoint {where} for {uri}: {exc} (check "
-            "TRACKGATE_S3_ENDPOINT_URL)") from None
+                "they need read, list, write and delete on the bucket")
+        return ObjectStoreError(f"{where} answered {code or status} for bucket {bucket!r}: "
+                                f"{error.get('Message', exc)}")
+    return ObjectStoreError(
+        f"cannot reach the S3 endpoint {where} for {uri}: {exc} (check "
+        "TRACKGATE_S3_ENDPOINT_URL)")
 
 
 # --- in the tracking server -------------------------------------------------------------------

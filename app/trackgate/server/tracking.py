@@ -8,6 +8,7 @@ units (Ansible) and containers (compose) alike.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,13 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
         from .downloads import NginxDownloads
 
         served = NginxDownloads(app, settings.nginx_artifact_root)
+    # Uploads: a body file from nginx linked into place, or gunicorn's body read in large pieces.
+    from .uploads import FastUploads, install_linking
+
+    upload_dir = settings.nginx_upload_dir
+    if upload_dir is not None:
+        install_linking()
+    served = FastUploads(served, None if upload_dir is None else str(upload_dir))
     policy = Policy(served, url_map=app.url_map, artifact_root=root, access=access)
     if not settings.metrics:
         return policy
@@ -75,6 +83,14 @@ def run(settings: Settings) -> None:
         settings.logs.mkdir(parents=True, exist_ok=True)
     if "://" not in settings.artifacts_uri:
         Path(settings.artifacts_uri).mkdir(parents=True, exist_ok=True)
+    if settings.nginx_upload_dir is not None:  # nginx's upload bodies: this account's alone
+        try:
+            settings.nginx_upload_dir.mkdir(mode=0o700, exist_ok=True)
+            settings.nginx_upload_dir.chmod(0o700)
+        except OSError as exc:  # uploads that nginx hands over get a clear 500 (uploads.py)
+            print(f"trackgate: cannot prepare {settings.nginx_upload_dir} for nginx's upload "
+                  f"bodies ({exc.strerror}); set TRACKGATE_ARTIFACT_UPLOADS=tracking or make "
+                  "the artifact root's parent writable", file=sys.stderr)
     database.ensure_schema(settings, allow_upgrade=False)
     os.environ.update(mlflow_environment(settings))
     if objectstore.is_s3(settings.artifacts_uri):
