@@ -106,7 +106,10 @@ def test_nginx_accepts_the_site_with_models_on_a_socket_and_on_a_host_name(
 ) -> None:
     settings = stack.settings.model_copy(update={
         "served_models": ["on-socket=unix:/run/trackgate-models/on-socket/model.sock",
-                          "in.container=localhost:18080"]})
+                          "in.container=localhost:18080"],
+        # nginx -t as root chowns every body directory it names to `nobody`: keep the live
+        # stack's upload directory out of this copy of its site.
+        "artifact_uploads": "tracking"})
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx.render(settings, standalone=True))
     site = conf.read_text()
