@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import threading
 import time
@@ -29,6 +28,7 @@ from trackgate.cli import cli
 from trackgate.local import stack as stack_module
 
 from ..support import RunningStack, running_stack, stack_settings
+from .archives import tampered_copy
 from .mlflow_content import content as _content
 from .mlflow_content import mlflow_env
 from .mlflow_content import populate as _populate
@@ -205,18 +205,6 @@ def test_restored_stack_is_identical_by_content(
     assert len(live_steps) > len(restored_steps)
 
 
-def _tampered(archive: Path, member: str, dest: Path) -> Path:
-    shutil.copyfile(archive, dest)
-    with tarfile.open(dest) as tar:
-        info = tar.getmember(member)
-    with open(dest, "r+b") as f:
-        f.seek(info.offset_data + info.size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
-    return dest
-
-
 def test_verify_passes_on_a_good_archive_and_catches_any_changed_byte(
     live: Live, under_writes: UnderWrites, tmp_path: Path
 ) -> None:
@@ -238,7 +226,7 @@ def test_verify_passes_on_a_good_archive_and_catches_any_changed_byte(
     # One byte changed in an artifact, in the database: caught, named, exit non-zero.
     for member in ("artifacts/", backup.SQLITE_MEMBER):
         name = next(n for n in quiet.manifest["members"] if n.startswith(member))
-        bad = _tampered(quiet.path, name, tmp_path / "tampered.tar")
+        bad = tampered_copy(quiet.path, name, tmp_path / "tampered.tar")
         result = backup.verify(settings, bad, scratch_root=tmp_path)
         assert not result.ok
         assert any(name in d and "sha256 differs" in d for d in result.differences), result

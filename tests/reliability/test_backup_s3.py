@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from trackgate.local import stack as stack_module
 from ..infra.postgres import Cluster, postgres_cluster
 from ..infra.seaweedfs import ObjectStore, seaweedfs
 from ..support import RunningStack, free_port, running_stack, stack_settings
+from .archives import tampered_copy
 from .mlflow_content import content, mlflow_env, populate
 
 pytestmark = pytest.mark.reliability
@@ -161,18 +161,6 @@ def test_verify_restores_the_bucket_members_and_serves_them(live: Live, tmp_path
     assert not list(tmp_path.glob("trackgate-verify-*")), "the scratch dir is removed"
 
 
-def _tampered(archive: Path, member: str, dest: Path) -> Path:
-    shutil.copyfile(archive, dest)
-    with tarfile.open(dest) as tar:
-        info = tar.getmember(member)
-    with open(dest, "r+b") as f:
-        f.seek(info.offset_data + info.size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
-    return dest
-
-
 def test_a_changed_byte_in_a_bucket_member_is_caught_before_anything_is_written(
     live: Live, tmp_path: Path
 ) -> None:
@@ -180,7 +168,7 @@ def test_a_changed_byte_in_a_bucket_member_is_caught_before_anything_is_written(
         (n for n in live.archive.manifest["members"] if n.startswith("bucket/")),
         key=lambda n: live.archive.manifest["members"][n]["size"],
     )
-    bad = _tampered(live.archive.path, name, tmp_path / "tampered.tar")
+    bad = tampered_copy(live.archive.path, name, tmp_path / "tampered.tar")
     _manifest, problems = backup.check_archive(bad)
     assert problems == [f"{name}: sha256 differs from the manifest (damaged)"]
     checked = CliRunner().invoke(
