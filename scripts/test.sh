@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (apt packages,
 # the venv, Docker with locally built base images), then runs every tier with real components.
-#   bash scripts/test.sh              # all tiers: fast, security, reliability, deploy, compose
+#   bash scripts/test.sh              # all tiers: fast, security, reliability, deploy, hosts, compose
 #   bash scripts/test.sh fast         # or any of them (several allowed)
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV="${VENV:-.venv}"
 tiers=("$@")
-all_tiers=(fast security reliability deploy compose)
+all_tiers=(fast security reliability deploy hosts compose)
 ((${#tiers[@]})) || tiers=("${all_tiers[@]}")
 for tier in "${tiers[@]}"; do
   [[ " ${all_tiers[*]} " == *" $tier "* ]] || { echo "unknown tier '$tier' (${all_tiers[*]})" >&2; exit 2; }
@@ -20,7 +20,7 @@ say "installing test requirements"
 VENV="$VENV" bash scripts/install.sh --test
 
 needs_docker=false
-for tier in "${tiers[@]}"; do [[ "$tier" == deploy || "$tier" == compose ]] && needs_docker=true; done
+for tier in "${tiers[@]}"; do [[ "$tier" == deploy || "$tier" == hosts || "$tier" == compose ]] && needs_docker=true; done
 if $needs_docker; then
   say "making Docker ready (engine, compose plugin, local base images; minutes the first time)"
   TRACKGATE_PYTHON="$VENV/bin/python" bash tests/infra/docker-ready.sh
@@ -30,7 +30,8 @@ declare -A marker=(
   [fast]="not deploy and not compose and not security and not reliability"  # with the 1 GB round trip
   [security]="security"          # issue 12's attacks against real stacks
   [reliability]="reliability"    # backup/restore, kills, upgrades, rotation
-  [deploy]="deploy"
+  [deploy]="deploy and not hosts"  # one systemd host per inventory
+  [hosts]="hosts"                # several systemd hosts: the multi-host inventory (issue 16)
   [compose]="compose"
 )
 reports=$(mktemp -d)
@@ -52,20 +53,29 @@ run_tier() {
   say "tier $tier finished (exit $code)"
 }
 
-# Two lanes at once: the Docker tiers spend most of their time waiting on containers and
-# ansible, the others on local servers; together they take about the longer lane's time.
+# Three lanes at once: the Docker tiers spend most of their time waiting on containers and
+# ansible, the others on local servers; together they take about the longest lane's time. The
+# multi-host tier (four containers, three playbooks) has a lane of its own.
 # TRACKGATE_TEST_LANES=1 runs everything one tier after another.
-docker_lane=() local_lane=()
+declare -A lane_of=([deploy]=docker [compose]=docker [hosts]=hosts)
+declare -A lanes=()
 for tier in "${tiers[@]}"; do
-  if [[ "$tier" == deploy || "$tier" == compose ]]; then docker_lane+=("$tier"); else local_lane+=("$tier"); fi
+  lane=${lane_of[$tier]:-local}
+  lanes[$lane]="${lanes[$lane]:-} $tier"
 done
-if [[ "${TRACKGATE_TEST_LANES:-2}" == 1 ]] || ((${#docker_lane[@]} == 0 || ${#local_lane[@]} == 0)); then
+if [[ "${TRACKGATE_TEST_LANES:-3}" == 1 ]] || ((${#lanes[@]} == 1)); then
   for tier in "${tiers[@]}"; do run_tier "$tier"; done
 else
-  ( for tier in "${docker_lane[@]}"; do run_tier "$tier"; done ) 2>&1 | sed -u 's/^/[docker lane] /' &
-  docker_lane_pid=$!
-  for tier in "${local_lane[@]}"; do run_tier "$tier"; done
-  wait "$docker_lane_pid" || true
+  lane_pids=()
+  for lane in docker hosts; do
+    [[ -n "${lanes[$lane]:-}" ]] || continue
+    # shellcheck disable=SC2086  # the lane's tiers, split on purpose
+    ( for tier in ${lanes[$lane]}; do run_tier "$tier"; done ) 2>&1 | sed -u "s/^/[$lane lane] /" &
+    lane_pids+=($!)
+  done
+  # shellcheck disable=SC2086
+  for tier in ${lanes[local]:-}; do run_tier "$tier"; done
+  for pid in "${lane_pids[@]}"; do wait "$pid" || true; done
 fi
 failed=()
 for tier in "${tiers[@]}"; do

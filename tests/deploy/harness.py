@@ -101,6 +101,8 @@ class Deployment:
     runs: int = 0
     # Also in group trackgate_monitoring: Prometheus on the same host (issue 17).
     monitoring: bool = False
+    # The controller's trackgate_artifacts_dir (wheel, wheelhouse, fetched CA certificates).
+    artifacts: Path = ARTIFACTS
 
     @property
     def url(self) -> str:
@@ -108,7 +110,7 @@ class Deployment:
 
     @property
     def ca(self) -> Path:
-        return ARTIFACTS / self.name / "ca.pem"
+        return self.artifacts / self.name / "ca.pem"
 
     def host_vars(self, **overrides: Any) -> dict[str, Any]:
         values: dict[str, Any] = {

@@ -46,9 +46,12 @@ from .harness import (
     snapshot_source,
 )
 
-pytestmark = pytest.mark.deploy
+pytestmark = [pytest.mark.deploy, pytest.mark.hosts]
 
 PROXY, STORE = "tg-mh-proxy", "tg-mh-store"
+# The controller's files of its own: this tier runs beside the single-host deploy tier, and two
+# playbooks building one wheel and wheelhouse at once would read each other's half-written files.
+HOSTS_ARTIFACTS = ARTIFACTS / "hosts-tier"
 # The private name of the database + object store host: only the containers resolve it.
 STORE_NAME = "trackgate-store"
 TRACKING1, TRACKING2 = "tg-mh-tracking1", "tg-mh-tracking2"
@@ -127,6 +130,7 @@ class Stack:
             "trackgate_https_port": self.proxy.ports["https"],
             "trackgate_source_dir": str(self.source),
             "trackgate_wheelhouse": True,
+            "trackgate_artifacts_dir": str(HOSTS_ARTIFACTS),
             "trackgate_users": [{"name": n, "password": p} for n, p in
                                 self.proxy.passwords.items()],
             "trackgate_settings": {"bcrypt_rounds": 4},
@@ -188,7 +192,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     snapshot_source(source)
     ports = {k: free_port() for k in ("http", "https", "tracking", "gateway", "postgresql")}
     passwords = {ALICE: secrets.token_urlsafe(18), BOB: secrets.token_urlsafe(18)}
-    proxy = Deployment(PROXY, workdir, source, "postgresql", ports, passwords)
+    proxy = Deployment(PROXY, workdir, source, "postgresql", ports, passwords,
+                       artifacts=HOSTS_ARTIFACTS)
     target = Stack(
         workdir, source, proxy,
         tracking_ports={TRACKING1: free_port(), TRACKING2: free_port()},
@@ -215,7 +220,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         print(f"multihost deploy: {target.first.seconds:.0f}s, again {target.again.seconds:.0f}s")
         yield target
     for name in names:
-        shutil.rmtree(ARTIFACTS / name, ignore_errors=True)
+        shutil.rmtree(HOSTS_ARTIFACTS / name, ignore_errors=True)
 
 
 def remove_at_once(names: tuple[str, ...]) -> None:
