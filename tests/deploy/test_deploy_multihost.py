@@ -133,7 +133,11 @@ class Stack:
             "trackgate_artifacts_dir": str(HOSTS_ARTIFACTS),
             "trackgate_users": [{"name": n, "password": p} for n, p in
                                 self.proxy.passwords.items()],
-            "trackgate_settings": {"bcrypt_rounds": 4},
+            # The hosts share the machine's network with the single-host deploy tier running
+            # beside: no default port (the metrics listener's 9180, the exporter's 9181).
+            "trackgate_settings": {"bcrypt_rounds": 4,
+                                   "metrics_port": self.proxy.ports["metrics"],
+                                   "nginx_exporter_port": self.proxy.ports["nginx_exporter"]},
             "trackgate_postgresql_port": self.pg_port,
             "trackgate_postgresql_password": self.secrets["db"],
             "trackgate_proxy_secret": self.secrets["proxy"],
@@ -190,7 +194,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     source = workdir / "src"
     source.mkdir()
     snapshot_source(source)
-    ports = {k: free_port() for k in ("http", "https", "tracking", "gateway", "postgresql")}
+    ports = {k: free_port() for k in ("http", "https", "tracking", "gateway", "postgresql",
+                                       "metrics", "nginx_exporter")}
     passwords = {ALICE: secrets.token_urlsafe(18), BOB: secrets.token_urlsafe(18)}
     proxy = Deployment(PROXY, workdir, source, "postgresql", ports, passwords,
                        artifacts=HOSTS_ARTIFACTS)
