@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need (apt packages,
 # the venv, Docker with locally built base images), then runs every tier with real components.
-#   bash scripts/test.sh              # all tiers: fast, security, reliability, deploy, hosts, compose
+#   bash scripts/test.sh              # all tiers: fast, security, reliability, deploy, compose, hosts
 #   bash scripts/test.sh fast         # or any of them (several allowed)
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV="${VENV:-.venv}"
 tiers=("$@")
-all_tiers=(fast security reliability deploy hosts compose)
+all_tiers=(fast security reliability deploy compose hosts)
 ((${#tiers[@]})) || tiers=("${all_tiers[@]}")
 for tier in "${tiers[@]}"; do
   [[ " ${all_tiers[*]} " == *" $tier "* ]] || { echo "unknown tier '$tier' (${all_tiers[*]})" >&2; exit 2; }
@@ -55,9 +55,10 @@ run_tier() {
 
 # Three lanes at once: the Docker tiers spend most of their time waiting on containers and
 # ansible, the others on local servers; together they take about the longest lane's time. The
-# multi-host tier (four containers, three playbooks) has a lane of its own.
+# multi-host tier (four containers, three playbooks) follows compose, so its hosts never install
+# PostgreSQL beside the single-host deploy tier's (systemd containers share the host's network).
 # TRACKGATE_TEST_LANES=1 runs everything one tier after another.
-declare -A lane_of=([deploy]=docker [compose]=docker [hosts]=hosts)
+declare -A lane_of=([deploy]=deploy [compose]=compose [hosts]=compose)
 declare -A lanes=()
 for tier in "${tiers[@]}"; do
   lane=${lane_of[$tier]:-local}
@@ -67,7 +68,7 @@ if [[ "${TRACKGATE_TEST_LANES:-3}" == 1 ]] || ((${#lanes[@]} == 1)); then
   for tier in "${tiers[@]}"; do run_tier "$tier"; done
 else
   lane_pids=()
-  for lane in docker hosts; do
+  for lane in deploy compose; do
     [[ -n "${lanes[$lane]:-}" ]] || continue
     # shellcheck disable=SC2086  # the lane's tiers, split on purpose
     ( for tier in ${lanes[$lane]}; do run_tier "$tier"; done ) 2>&1 | sed -u "s/^/[$lane lane] /" &
