@@ -103,14 +103,7 @@ def _cli(argv: list[str]) -> tuple[float, int]:
 def _bucket_settings(stack: contextlib.ExitStack, work: Path) -> Any:
     """A SeaweedFS for the run; returns f(prefix) -> settings overrides for that prefix."""
     store = stack.enter_context(seaweedfs(work / "seaweedfs"))
-    keys = work / "s3-credentials"
-    keys.write_text("".join(f"{k}={v}\n" for k, v in store.keys_env.items()))
-    keys.chmod(0o600)
-    if os.geteuid() == 0:  # the tracking server runs as the service account
-        import pwd
-
-        account = pwd.getpwnam("trackgate")
-        os.chown(keys, account.pw_uid, account.pw_gid)
+    keys = store.write_credentials_file(work / "s3-credentials")
     return lambda prefix: {
         "artifacts_destination": f"s3://{store.bucket}/{prefix}",
         "s3_endpoint_url": store.endpoint,

@@ -36,14 +36,7 @@ def s3_stack(store: ObjectStore, tmp_path_factory: pytest.TempPathFactory
     os.chmod(root, 0o711)
     # The keys from a secrets file (mode 600), not the environment: the client side of this
     # process has none.
-    keys = root / "s3-credentials"
-    keys.write_text("".join(f"{k}={v}\n" for k, v in store.keys_env.items()))
-    keys.chmod(0o600)
-    if os.geteuid() == 0:  # the tracking server runs as the service account
-        import pwd
-
-        account = pwd.getpwnam("trackgate")
-        os.chown(keys, account.pw_uid, account.pw_gid)
+    keys = store.write_credentials_file(root / "s3-credentials")
     with running_stack(root / "data", artifacts_destination=f"s3://{store.bucket}/{PREFIX}",
                        s3_endpoint_url=store.endpoint, s3_credentials_file=keys) as running:
         yield running

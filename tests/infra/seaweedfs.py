@@ -36,6 +36,17 @@ class ObjectStore:
     def keys_env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
+    def write_credentials_file(self, path: Path) -> Path:
+        """The keys as a secrets file (mode 600) that the tracking server's account can read."""
+        path.write_text("".join(f"{k}={v}\n" for k, v in self.keys_env.items()))
+        path.chmod(0o600)
+        if os.geteuid() == 0:  # the tracking server runs as the service account
+            import pwd
+
+            account = pwd.getpwnam("trackgate")
+            os.chown(path, account.pw_uid, account.pw_gid)
+        return path
+
     def client(self) -> Any:
         import boto3
 
