@@ -503,6 +503,12 @@ class Settings(BaseSettings):
         return self.htpasswd_path or self.data_dir / "htpasswd"
 
     @property
+    def privacy_stamp(self) -> Path:
+        """Appended to by a tracking worker that changed who may read an experiment, so every
+        worker of this host reads the private experiments again at once (server/access.py)."""
+        return self.data_dir / "private-experiments.stamp"
+
+    @property
     def tls_dir(self) -> Path:
         return self.data_dir / "tls"
 

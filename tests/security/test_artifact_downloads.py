@@ -145,7 +145,6 @@ def test_a_private_experiments_artifacts_are_refused_to_users_without_read(
                         json={"experiment_id": experiment}).json()["run"]["info"]["run_id"]
     url = f"{ARTIFACTS}/{experiment}/{run}/artifacts/secret.txt"
     assert stack.request("PUT", url, auth=owner, data=b"carol's secret").status_code == 200
-    time.sleep(2.5)  # every tracking worker re-reads the private experiments within 2 s
     assert stack.get(url, auth=owner).content == b"carol's secret"
     refused = stack.get(url, auth=other)
     assert refused.status_code == 403 and b"carol's secret" not in refused.content

@@ -39,12 +39,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
@@ -77,9 +79,14 @@ GROUPS_ENVIRON = "trackgate.groups"  # this request's user's groups, parsed at m
 GROUPS_HTTP_ENVIRON = "HTTP_X_TRACKGATE_GROUPS"
 # An experiment tagged trackgate.private = true is seen only by its owner, admins and users
 # granted READ or more: its id, runs, traces and logged models are refused to everyone else, and
-# experiment searches leave it out. Seen by every worker within PRIVATE_TTL seconds.
+# experiment searches leave it out. Every worker of this host sees a change before the write's
+# answer is sent (PrivateExperiments.changed); tracking servers on other hosts within PRIVATE_TTL.
 PRIVATE_TAG = "trackgate.private"
 PRIVATE_TTL = 2.0
+# Writes that can change who may read an experiment (its private, owner and grant tags).
+STAMP_LIMIT = 4096  # bytes of the stamp file before it starts over
+_PRIVACY_WRITES = frozenset({"_create_experiment", "_set_experiment_tag",
+                             "_delete_experiment_tag", "_restore_experiment"})
 LEVELS = {"READ": 1, "EDIT": 2, "MANAGE": 3}
 # Model writes that EDIT allows; every other model write (aliases, stages, rename, delete,
 # the model's tags) needs MANAGE.
@@ -231,6 +238,29 @@ def action_name(endpoint: str) -> str:
     return endpoint.removeprefix("serve_").strip("_").removesuffix("_handler")
 
 
+class LookupFailed(PolicyViolation):
+    """The store could not say who owns something (database busy, connection lost): the
+    request is refused, never let through unchecked. Clients retry a 503."""
+
+    def __init__(self, what: str, exc: Exception) -> None:
+        super().__init__(f"could not check access to {what} just now ({type(exc).__name__}): "
+                         "try again", "503 Service Unavailable", "TEMPORARILY_UNAVAILABLE")
+
+
+# What MLflow's stores raise for an id that names nothing (or cannot name anything).
+_ABSENT_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+def _absent(exc: Exception, what: str) -> None:
+    """Return if EXC says WHAT does not exist (MLflow then answers the request itself); raise
+    LookupFailed for any other failure."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException) and exc.error_code in _ABSENT_CODES:
+        return
+    raise LookupFailed(what, exc) from exc
+
+
 class Owners:
     """Who owns a run, experiment or registered model, read from MLflow's own stores.
 
@@ -264,7 +294,8 @@ class Owners:
                 return (True, *self._runs[run_id])
         try:
             info = self._tracking().get_run(run_id).info
-        except Exception:  # no such run: MLflow answers that itself
+        except Exception as exc:
+            _absent(exc, f"run {run_id}")
             return False, None, ""
         entry = (info.user_id or None, str(info.experiment_id))
         with self._lock:
@@ -277,7 +308,8 @@ class Owners:
         """(exists, tags): the owner and grants are tags."""
         try:
             experiment = self._tracking().get_experiment(str(experiment_id))
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"experiment {experiment_id}")
             return False, {}
         return True, dict(experiment.tags or {})
 
@@ -285,7 +317,8 @@ class Owners:
         """(exists, author, experiment id)."""
         try:
             model = self._tracking().get_logged_model(model_id)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"logged model {model_id}")
             return False, None, ""
         return True, (model.tags or {}).get(AUTHOR_TAG), str(model.experiment_id)
 
@@ -294,7 +327,8 @@ class Owners:
         path, and an admin may correct an author tag."""
         try:
             info = self._tracking().get_trace_info(trace_id)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"trace {trace_id}")
             return False, None, []
         return True, (info.tags or {}).get(AUTHOR_TAG), [str(info.experiment_id)]
 
@@ -304,28 +338,32 @@ class Owners:
         try:
             created_by = store.get_dataset(dataset_id).created_by
             experiment_ids = store.get_dataset_experiment_ids(dataset_id)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"dataset {dataset_id}")
             return False, None, []
         return True, created_by or None, [str(e) for e in experiment_ids or []]
 
     def review_queue(self, queue_id: str) -> tuple[bool, str | None, list[str]]:
         try:
             queue = self._tracking().get_review_queue(queue_id)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"review queue {queue_id}")
             return False, None, []
         return True, queue.created_by or None, [str(queue.experiment_id)]
 
     def label_schema(self, schema_id: str) -> tuple[bool, str | None, list[str]]:
         try:
             schema = self._tracking().get_label_schema(schema_id)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"label schema {schema_id}")
             return False, None, []
         return True, None, [str(schema.experiment_id)]
 
     def issue(self, issue_id: str) -> tuple[bool, str | None, list[str]]:
         try:
             issue = self._tracking().get_issue(issue_id)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"issue {issue_id}")
             return False, None, []
         return True, issue.created_by or None, [str(issue.experiment_id)]
 
@@ -335,7 +373,8 @@ class Owners:
             from mlflow.server.handlers import _get_job_store
 
             params = json.loads(_get_job_store().get_job(job_id).params or "{}")
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"job {job_id}")
             return False, None, []
         experiment_id = params.get("experiment_id") if isinstance(params, dict) else None
         # a job that names no experiment is nobody's: only admins
@@ -348,7 +387,8 @@ class Owners:
             store = self._registry()
             found = (store.get_model_version(name, version) if version is not None
                      else store.get_model_version_by_alias(name, alias))
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"a version of model {name}")
             return None
         return {"version": str(found.version), "run_id": found.run_id or "",
                 "source": found.source or ""}
@@ -356,7 +396,8 @@ class Owners:
     def model(self, name: str) -> tuple[bool, dict[str, str]]:
         try:
             model = self._registry().get_registered_model(name)
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"registered model {name}")
             return False, {}
         return True, dict(model.tags or {})
 
@@ -483,23 +524,64 @@ def _is_version(node: Any) -> bool:
 
 
 class PrivateExperiments:
-    """The experiments tagged private, and their tags (owner, grants); re-read every few
-    seconds, so the read fast path pays one clock read while there are none."""
+    """The experiments tagged private, and their tags (owner, grants), cached per worker.
 
-    def __init__(self, owners: Owners, ttl: float = PRIVATE_TTL) -> None:
+    Re-read when STAMP (a file the workers of this host share) changed, and at least every
+    TTL seconds (other hosts' writes): the read fast path pays one stat while there are none.
+    A worker that wrote a privacy tag appends to STAMP before its answer goes out, so no other
+    worker here can serve the experiment from an older list once its creator has heard back.
+    """
+
+    def __init__(self, owners: Owners, ttl: float = PRIVATE_TTL,
+                 stamp: Path | None = None) -> None:
         self.owners = owners
         self.ttl = ttl
+        self.stamp = stamp
+        self._stamp_seen: tuple[int, int] | None = None
         self._read_at = float("-inf")
         self._tags: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         self._traces: OrderedDict[str, str] = OrderedDict()
 
+    def _stamp_now(self) -> tuple[int, int] | None:
+        if self.stamp is None:
+            return None
+        try:
+            found = os.stat(self.stamp)
+        except OSError:
+            return None
+        return found.st_size, found.st_mtime_ns
+
+    def changed(self) -> None:
+        """A privacy tag was written: this worker and (through STAMP) every other one here
+        read the list again before their next request. Appending makes every change visible
+        (size), even two within one clock tick."""
+        self._read_at = float("-inf")
+        if self.stamp is None:
+            return
+        try:
+            fd = os.open(self.stamp, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size >= STAMP_LIMIT:
+                    os.ftruncate(fd, 0)
+                os.write(fd, b".")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # then other workers follow within TTL
+
     def all(self) -> dict[str, dict[str, str]]:
-        if time.monotonic() - self._read_at > self.ttl:
+        stamp = self._stamp_now()
+        if stamp != self._stamp_seen or time.monotonic() - self._read_at > self.ttl:
             with self._lock:
-                if time.monotonic() - self._read_at > self.ttl:
-                    self._tags = self._read()
-                    self._read_at = time.monotonic()
+                stamp = self._stamp_now()
+                if stamp != self._stamp_seen or time.monotonic() - self._read_at > self.ttl:
+                    try:
+                        self._tags = self._read()
+                    except Exception as exc:
+                        raise LookupFailed("private experiments", exc) from exc
+                    # the stamp from before the read: a change during it is read next time
+                    self._stamp_seen, self._read_at = stamp, time.monotonic()
         return self._tags
 
     def _read(self) -> dict[str, dict[str, str]]:
@@ -534,7 +616,8 @@ class PrivateExperiments:
             return self._traces[trace_id]
         try:
             experiment = self.owners._tracking().get_trace_info(trace_id).experiment_id
-        except Exception:
+        except Exception as exc:
+            _absent(exc, f"trace {trace_id}")
             return None
         self._traces[trace_id] = str(experiment)
         if len(self._traces) > 20_000:
@@ -545,10 +628,11 @@ class PrivateExperiments:
 class Access:
     """The role and owner checks, author stamping and audit lines (see the module docstring)."""
 
-    def __init__(self, audit: AuditLog, owners: Owners | None = None) -> None:
+    def __init__(self, audit: AuditLog, owners: Owners | None = None,
+                 privacy_stamp: Path | None = None) -> None:
         self.audit = audit
         self.owners = owners or Owners()
-        self.private = PrivateExperiments(self.owners)
+        self.private = PrivateExperiments(self.owners, stamp=privacy_stamp)
 
     @staticmethod
     def _groups_of(environ: dict[str, Any], user: str | None) -> Callable[[], frozenset[str]]:
@@ -581,6 +665,20 @@ class Access:
                 g.mlflow_authenticated_user = unquote(user)
 
     def handle(
+        self,
+        policy: Policy,
+        endpoint: str,
+        view_args: dict[str, Any],
+        rule: Rule | None,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        try:
+            return self._handle(policy, endpoint, view_args, rule, environ, start_response)
+        except LookupFailed as exc:  # before anything was answered: refuse, never pass
+            return _error(start_response, exc)
+
+    def _handle(
         self,
         policy: Policy,
         endpoint: str,
@@ -648,6 +746,8 @@ class Access:
 
         def audited(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
             code = int(status[:3])
+            if endpoint in _PRIVACY_WRITES and code < 400:
+                self.private.changed()  # written and committed; the answer not yet sent
             self._log(call, role, code)
             return start_response(status, headers, *exc_info)
 
@@ -751,10 +851,13 @@ class Access:
             named.update(_DIGITS.findall(match.group(1)))
         if endpoint == "_get_experiment_by_name":
             for name in parse_qs(environ.get("QUERY_STRING", "")).get("experiment_name", []):
-                with contextlib.suppress(Exception):
+                try:
                     experiment = self.owners._tracking().get_experiment_by_name(name)
-                    if experiment is not None:
-                        named.add(str(experiment.experiment_id))
+                except Exception as exc:
+                    _absent(exc, f"experiment {name!r}")
+                    experiment = None
+                if experiment is not None:
+                    named.add(str(experiment.experiment_id))
         paths = [str(view_args.get("artifact_path", ""))]
         paths += parse_qs(environ.get("QUERY_STRING", "")).get("path", [])
         for path in paths:

@@ -47,7 +47,7 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
 
     root = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", "mlflow-artifacts:/")
     settings = settings or Settings()
-    access = Access(AuditLog(audit_path(settings)))
+    access = Access(AuditLog(audit_path(settings)), privacy_stamp=settings.privacy_stamp)
     access.install(app)
     if objectstore.is_s3(os.environ.get("_MLFLOW_SERVER_ARTIFACT_DESTINATION")):
         objectstore.install(app)  # every artifact byte through the proxy (see objectstore.py)
