@@ -94,7 +94,9 @@ def test_the_mlflow_menus_logout_ends_the_session_and_a_replayed_cookie_gets_401
     name, password = stack.new_user("menu-logout")
     context = _context(browser, viewport={"width": 1400, "height": 800})
     page = log_in(context, stack.url, name, password, path="/#/experiments")
-    cookie = next(c["value"] for c in context.cookies() if c["name"] == COOKIE)
+    cookies = {c["name"]: c["value"] for c in context.cookies()}
+    assert COOKIE in cookies, (page.url, sorted(cookies))
+    cookie = cookies[COOKIE]
     page.get_by_text(name, exact=True).first.click()
     page.get_by_text("Logout", exact=True).first.click()
     page.wait_for_url("**/login?**", timeout=60_000)  # the UI reloads: now the login page
