@@ -33,6 +33,7 @@ from typing import IO
 from .. import accounts, nginx, processes
 from ..accounts import Account
 from ..processes import die_with_parent
+from ..server.uploads import sweep_orphans
 from ..settings import Settings
 
 STOP_TIMEOUT = 20.0
@@ -228,6 +229,7 @@ def supervise(settings: Settings) -> int:
     asked.install()
     rotations = 0
     for child in kids:
+        _before_start(settings, child)
         child.start_process(env)
     _write_state(settings, kids, rotations)
     next_log_check = time.monotonic() + LOG_CHECK_INTERVAL
@@ -257,11 +259,30 @@ def supervise(settings: Settings) -> int:
             elif now >= child.next_start:
                 child.restarts += 1
                 child.next_start = 0.0
+                _before_start(settings, child)
                 child.start_process(env)
                 _write_state(settings, kids, rotations)
     _stop_all(kids)
     state_file(settings).unlink(missing_ok=True)
     return 0
+
+
+def _before_start(settings: Settings, child: Child) -> None:
+    """Before nginx starts (with the stack, or again after it died): remove the upload body
+    files a killed nginx left (issue 18). No nginx runs at that moment (a dead one's orphaned
+    workers were stopped when it died), so each file there is a dead nginx's, for an upload no
+    client was told succeeded; left alone, they would fill the disk one killed nginx at a time."""
+    directory = settings.nginx_upload_dir
+    if child.name != "nginx" or directory is None:
+        return
+    try:
+        files, size = sweep_orphans(directory)
+    except OSError as exc:  # nginx then starts anyway: uploads still work
+        _say(f"nginx: could not clear the upload files in {directory}: {exc}")
+        return
+    if files:
+        _say(f"nginx: removed {files} upload file(s) a killed nginx left in {directory} "
+             f"({size} bytes)")
 
 
 def _wait_for_output(kids: list[Child], timeout: float) -> None:

@@ -219,3 +219,39 @@ def _umask() -> int:
         current = os.umask(0)
         os.umask(current)
     return current
+
+
+def sweep_orphans(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """Delete the body files a dead nginx left in its upload directory: (names removed, bytes
+    freed: the sizes of files that had no other name).
+
+    Only for the moment before nginx starts (the supervisor of `trackgate up`): with no nginx
+    running, every file there is one of a killed nginx (SIGKILL, OOM), which had no chance to
+    remove it, and no client was told its upload succeeded (its connection died with nginx): it
+    retries. Only the upload name goes: an artifact already linked into the store keeps its own,
+    and a tracking server that had opened the file keeps its descriptor. Removed: regular files
+    and symbolic links (the link, never what it names); directories and anything else stay.
+    Nothing is followed: the directory is opened without following a link, entries relative to
+    it. A missing directory holds nothing to remove."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        folder = os.open(directory, flags)
+    except FileNotFoundError:
+        return 0, 0
+    removed = freed = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                        continue
+                    os.unlink(entry.name, dir_fd=folder)  # unlink never follows a link
+                except (FileNotFoundError, IsADirectoryError):  # gone, or replaced meanwhile
+                    continue
+                removed += 1
+                if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                    freed += info.st_size
+    finally:
+        os.close(folder)
+    return removed, freed
