@@ -346,3 +346,44 @@ def test_is_under_root_with_a_prefixed_root() -> None:
     assert is_under_root("s3://bucket/prefix/a", "s3://bucket/prefix")
     assert not is_under_root("s3://bucket/prefixed/a", "s3://bucket/prefix")
     assert not is_under_root("s3://bucket/other", "s3://bucket/prefix/")
+
+
+@pytest.mark.parametrize("path", ["%2535/run/artifacts/m.pkl", "5/%2e%2e/x", "5/%2E/x", "./5/x",
+                                  "5/../x", "5//x", "/5/x", "5\\x", "5/x\x00y", "/"])
+def test_artifact_paths_mlflow_would_decode_or_normalize_never_reach_it(
+        mlflow: tuple[Recorder, Client], path: str) -> None:
+    recorder, client = mlflow
+    answer = client.get("/api/2.0/mlflow-artifacts/artifacts/x",
+                        query_string={"path": path})  # the listing's ?path=
+    assert answer.status_code == 400 and "not plain" in answer.get_data(as_text=True)
+    if not path.startswith("/"):  # (a doubled slash in the URL is Flask's redirect)
+        assert client.put("/api/2.0/mlflow-artifacts/artifacts/" + path.replace("%", "%25"),
+                          data=b"x").status_code in (400, 404)
+    assert not recorder.calls
+
+
+@pytest.mark.parametrize("path", ["", "5/abc/artifacts/model.pkl", "dir/", "a b/100%.txt"])
+def test_plain_artifact_paths_pass(mlflow: tuple[Recorder, Client], path: str) -> None:
+    recorder, client = mlflow
+    assert client.get("/api/2.0/mlflow-artifacts/artifacts",
+                      query_string={"path": path}).status_code == 200
+    assert len(recorder.calls) == 1
+
+
+def test_a_get_with_a_body_never_reaches_mlflow(mlflow: tuple[Recorder, Client]) -> None:
+    recorder, client = mlflow
+    answer = client.get("/api/2.0/mlflow/runs/get", json={"run_id": "a" * 32})
+    assert answer.status_code == 400 and "carries no body" in answer.get_data(as_text=True)
+    assert client.get("/api/2.0/mlflow/runs/get", query_string={"run_id": "a" * 32}).status_code \
+        == 200
+    assert len(recorder.calls) == 1
+
+
+def test_graphql_arguments_are_found_inline_nested_and_in_variables() -> None:
+    from trackgate.server.policy import graphql_arguments
+
+    inline = graphql_arguments('{ a(input: {experimentIds: ["5", "6"]}) { b } }', None)
+    assert ("experimentIds", ["5", "6"]) in inline
+    variables = graphql_arguments("query q($i: In) { a(input: $i) { b } }",
+                                  {"i": {"x": [{"experimentId": "7"}]}})
+    assert ("experimentId", "7") in variables

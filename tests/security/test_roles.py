@@ -625,7 +625,7 @@ def test_bob_cannot_change_carols_traces_assessments_datasets_scorers_or_review_
                          "GET").json()["records"])
     assert [r["expectations"] for r in got] == [{"a": "4"}]
     assert [r["created_by"] for r in got] == [carol[0]]  # stamped, not the client's
-    assert _v3(stack, carol, "review-queues/get", {"queue_id": queue_id}, "GET").json()[
+    assert _v3(stack, carol, f"review-queues/get?queue_id={queue_id}", None, "GET").json()[
         "review_queue"]["created_by"] == carol[0]
 
     # bob's own trace in carol's experiment is his to tag, but its author tag is the server's
@@ -924,3 +924,136 @@ def secrets_token() -> str:
     import secrets
 
     return secrets.token_hex(3)
+
+
+# --- ids spelled so the checks and MLflow would read different things ------------------------
+
+
+@pytest.fixture(scope="module")
+def carols_secret(stack: RunningStack) -> dict[str, Any]:
+    """carol's private experiment with a run and its artifact, a public run of hers with an
+    artifact, and bob, an editor with no grant."""
+    carol = _user(stack, "carol", "editor")
+    bob = _user(stack, "bob", "editor")
+    private_id = _post(stack, carol, "experiments/create", {
+        "name": f"spelled-{carol[0]}", "tags": [{"key": "trackgate.private", "value": "true"}],
+    }).json()["experiment_id"]
+    public_id = _post(stack, carol, "experiments/create",
+                      {"name": f"spelled-open-{carol[0]}"}).json()["experiment_id"]
+    runs = {}
+    for where, experiment_id in (("private", private_id), ("public", public_id)):
+        run_id = _post(stack, carol, "runs/create", {"experiment_id": experiment_id}).json()[
+            "run"]["info"]["run_id"]
+        stack.request("PUT", f"{ARTIFACTS}/{experiment_id}/{run_id}/artifacts/model.pkl",
+                      auth=carol, data=b"carol's model").raise_for_status()
+        runs[where] = run_id
+    return {"carol": carol, "bob": bob, "private": private_id, "public": public_id, "runs": runs}
+
+
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
+
+
+def _escaped(text: str) -> str:
+    """TEXT percent-encoded twice over: MLflow decodes it back, nginx and Flask only once."""
+    return "".join(f"%25{ord(c):02x}" for c in text)
+
+
+def test_an_artifact_path_encoded_twice_neither_reads_nor_overwrites_nor_deletes_carols_files(
+        stack: RunningStack, carols_secret: dict[str, Any]) -> None:
+    """MLflow decodes percent-escapes in artifact paths up to ten times: `%2535` reaches it as
+    `%35` and becomes `5`. bob spells carol's experiment and run ids that way (or hides a `.`
+    segment) to read her private model, overwrite her models with his pickle, or delete them."""
+    c = carols_secret
+    bob, carol = c["bob"], c["carol"]
+    for where in ("private", "public"):
+        experiment_id, run_id = c[where], c["runs"][where]
+        spellings = [
+            f"{_escaped(experiment_id)}/{_escaped(run_id[:2])}{run_id[2:]}/artifacts/model.pkl",
+            f"{experiment_id}/%252e/{run_id}/artifacts/model.pkl",
+        ]
+        for path in spellings:
+            url = f"{ARTIFACTS}/{path}"
+            answers = [stack.request("PUT", url, auth=bob, data=b"bob's pickle"),
+                       stack.request("DELETE", url, auth=bob)]
+            if where == "private":  # the public run's files are everyone's to read
+                answers.append(stack.get(url, auth=bob))
+            assert all(a.status_code in (400, 403, 404) for a in answers), \
+                [(path, a.status_code, a.text[:100]) for a in answers]
+            assert not any(b"carol's model" in a.content for a in answers)
+        kept = stack.get(f"{ARTIFACTS}/{experiment_id}/{run_id}/artifacts/model.pkl", auth=carol)
+        assert kept.content == b"carol's model"
+    listed = stack.get(f"/api/2.0/mlflow/artifacts/list?run_id={c['runs']['public']}"
+                       f"&path={_escaped('x')}", auth=bob)
+    assert listed.status_code == 400 and "not plain" in listed.text
+
+
+def test_a_get_with_a_json_body_is_refused_not_read_past_the_checks(
+        stack: RunningStack, carols_secret: dict[str, Any]) -> None:
+    """MLflow reads a GET's JSON body when it has no query string; the checks read the query."""
+    c = carols_secret
+    run_id = c["runs"]["private"]
+    for path, body in (("runs/get", {"run_id": run_id}),
+                       ("experiments/get", {"experiment_id": c["private"]}),
+                       ("metrics/get-history", {"run_id": run_id, "metric_key": "m"})):
+        answer = stack.request("GET", f"/api/2.0/mlflow/{path}", auth=c["bob"],
+                               data=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and "carries no body" in answer.text, \
+            (path, answer.status_code, answer.text[:200])
+    assert stack.get(f"/api/2.0/mlflow/runs/get?run_id={run_id}", auth=c["carol"]).ok
+
+
+def test_other_spellings_of_a_private_experiments_id_are_refused(
+        stack: RunningStack, carols_secret: dict[str, Any]) -> None:
+    """MLflow reads int(id): "05", " 5", "+5" and Arabic-Indic digits all name experiment 5."""
+    c = carols_secret
+    bob, private_id = c["bob"], c["private"]
+    arabic = "".join(chr(0x0660 + int(d)) for d in private_id)
+    for spelled in (f"0{private_id}", f" {private_id}", f"+{private_id}", arabic):
+        answers = [
+            _post(stack, bob, "runs/search", {"experiment_ids": [spelled]}),
+            _post(stack, bob, "runs/create", {"experiment_id": spelled}),
+            stack.get("/api/2.0/mlflow/experiments/get", auth=bob,
+                      params={"experiment_id": spelled}),
+        ]
+        assert all(a.status_code in (400, 403) for a in answers), \
+            [(spelled, a.status_code, a.text[:120]) for a in answers]
+        assert not any(c["runs"]["private"] in a.text for a in answers)
+
+
+def test_graphql_naming_a_private_experiment_inline_nested_or_by_variable_is_refused(
+        stack: RunningStack, carols_secret: dict[str, Any]) -> None:
+    c = carols_secret
+    bob, private_id = c["bob"], c["private"]
+    requests_ = [
+        {"query": f'query {{ mlflowGetExperiment(input: {{experimentId: "{private_id}"}}) '
+                  "{ experiment { name } } }"},
+        {"query": "query q($id: String!) { mlflowGetExperiment(input: {experimentId: $id}) "
+                  "{ experiment { name } } }", "variables": {"id": private_id}},
+        {"query": f'mutation {{ mlflowSearchRuns(input: {{experimentIds: ["{private_id}"]}}) '
+                  "{ runs { info { runId } } } }"},
+        {"query": "mutation m($input: MlflowSearchRunsInput) { mlflowSearchRuns(input: $input) "
+                  "{ runs { info { runId } } } }",
+         "variables": {"input": {"experimentIds": [private_id]}}},
+    ]
+    for body in requests_:
+        answer = stack.request("POST", "/graphql", auth=bob, json=body)
+        assert _refused_by_policy(answer) and "private" in answer.text, \
+            (body["query"][:60], answer.status_code, answer.text[:200])
+        assert c["runs"]["private"] not in answer.text
+    assert "spelled-" in stack.request("POST", "/graphql", auth=c["carol"],
+                                       json=requests_[1]).text
+
+
+def test_an_mlflow2_trace_of_a_private_experiment_is_refused_by_its_plain_hex_id(
+        stack: RunningStack, carols_secret: dict[str, Any]) -> None:
+    """MLflow 2 clients start traces with the v2 API, whose ids are plain hex like run ids."""
+    c = carols_secret
+    started = _post(stack, c["carol"], "traces", {
+        "experiment_id": c["private"], "timestamp_ms": 1, "request_metadata": [], "tags": []})
+    assert started.status_code == 200, started.text
+    request_id = started.json()["trace_info"]["request_id"]
+    for path in (f"/api/2.0/mlflow/traces/{request_id}/info",
+                 f"/ajax-api/2.0/mlflow/get-trace-artifact?request_id={request_id}"):
+        answer = stack.get(path, auth=c["bob"])
+        assert _refused_by_policy(answer), (path, answer.status_code, answer.text[:200])
+    assert stack.get(f"/api/2.0/mlflow/traces/{request_id}/info", auth=c["carol"]).ok

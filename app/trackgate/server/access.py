@@ -23,7 +23,11 @@ gateway vouches for the user's groups, read here only when a resource carries su
 An experiment tagged ``trackgate.private`` = ``true`` is readable only by its owner, admins and
 users granted READ or more (PrivateExperiments; adding runs needs EDIT). A model version made
 from one of its runs or logged models is hidden with it (refused by name, left out of lists).
-While no experiment is private, reads keep their fast path.
+While no experiment is private, reads keep their fast path. Ids are compared as MLflow reads
+them: an experiment id named anywhere in a request (query, JSON body at any depth, GraphQL
+arguments and variables) must be a plain decimal number, else a 400 (policy.py holds artifact
+paths and GET requests to the same standard). A store that cannot say who owns something
+answers 503 (LookupFailed), never "no such thing, pass".
 
 Owners are recorded by the server itself: a run's ``user_id`` (stamped here from the verified
 user, whatever the client sends), and a ``trackgate.owner`` tag that the server puts on every
@@ -36,9 +40,9 @@ role and the action. Every write, allowed or refused, is one JSON line in the au
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import threading
@@ -66,6 +70,7 @@ from .policy import (
 if TYPE_CHECKING:
     from .policy import Policy
 
+_log = logging.getLogger("trackgate.access")
 ROLE_ENVIRON = "HTTP_X_TRACKGATE_ROLE"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"
 OWNER_TAG = "trackgate.owner"
@@ -502,6 +507,39 @@ _ITEM_IDS = {"dataset_id": "dataset", "queue_id": "review_queue", "schema_id": "
              "issue_id": "issue", "job_id": "prompt_job"}
 
 
+_EXPERIMENT_ID_KEYS = frozenset({"experiment_id", "experiment_ids", "experimentid",
+                                  "experimentids"})
+_CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")
+
+
+def _canonical_experiment_id(value: Any) -> str:
+    """VALUE as the one spelling the checks compare; MLflow reads int(value), which also takes
+    " 5", "+5", "05" and non-ASCII digits: those are refused rather than guessed at."""
+    text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if not _CANONICAL_ID.fullmatch(text):
+        raise PolicyViolation(f"experiment id {value!r} is not a plain decimal number")
+    return text
+
+
+def _experiment_ids(endpoint: str, environ: dict[str, Any], body: Any) -> set[str]:
+    """The experiment ids a request names in its query, anywhere in its JSON body, or in its
+    GraphQL arguments and variables: each must be spelled plainly."""
+    from .policy import _nested_items, graphql_arguments
+
+    items = [(k, v) for k, values in parse_qs(environ.get("QUERY_STRING", "")).items()
+             for v in values]
+    items += _nested_items(body)
+    if endpoint == "_graphql" and isinstance(body, dict) and isinstance(body.get("query"), str):
+        items += graphql_arguments(body["query"], body.get("variables"))
+    found: set[str] = set()
+    for key, value in items:
+        if key.lower() not in _EXPERIMENT_ID_KEYS or value in (None, ""):
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            found.add(_canonical_experiment_id(item))
+    return found
+
+
 def _without_experiments(answer: Any, hidden: frozenset[str]) -> Any:
     answer["experiments"] = [e for e in answer.get("experiments", [])
                              if str(e.get("experiment_id")) not in hidden]
@@ -675,7 +713,7 @@ class Access:
     ) -> Iterable[bytes]:
         try:
             return self._handle(policy, endpoint, view_args, rule, environ, start_response)
-        except LookupFailed as exc:  # before anything was answered: refuse, never pass
+        except PolicyViolation as exc:  # before anything was answered: refuse, never pass
             return _error(start_response, exc)
 
     def _handle(
@@ -848,7 +886,9 @@ class Access:
                          json.dumps({k: str(v) for k, v in view_args.items()})))
         named: set[str] = set()
         for match in _EXPERIMENT_REF.finditer(text):
-            named.update(_DIGITS.findall(match.group(1)))
+            # int(): MLflow reads "05" (or other Unicode digits) as experiment 5
+            named.update(str(int(d)) for d in _DIGITS.findall(match.group(1)))
+        named.update(_experiment_ids(endpoint, environ, body))
         if endpoint == "_get_experiment_by_name":
             for name in parse_qs(environ.get("QUERY_STRING", "")).get("experiment_name", []):
                 try:
@@ -868,6 +908,10 @@ class Access:
             exists, _, experiment_id = self.owners.run(run_id)
             if exists:
                 named.add(experiment_id)
+            else:  # MLflow 2's traces have plain hex ids too
+                trace_experiment = self.private.trace_experiment(run_id)
+                if trace_experiment:
+                    named.add(trace_experiment)
         for trace_id in set(_TRACE_TOKEN.findall(text)):
             experiment_id = self.private.trace_experiment(trace_id)
             if experiment_id:
@@ -1246,10 +1290,13 @@ class Access:
             if close is not None:
                 close()
         if captured.get("status", "").startswith("200"):
-            with contextlib.suppress(Exception):  # the version exists either way
+            try:  # the version exists either way; only its user_id column stays empty
                 version = json.loads(b"".join(chunks))["model_version"]
                 self.owners.stamp_model_version(version["name"], version["version"], call.user
                                                 or "")
+            except Exception:
+                _log.exception("could not record %r as the author of a new model version",
+                               call.user)
         return chunks
 
     # --- audit --------------------------------------------------------------------------------

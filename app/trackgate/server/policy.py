@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:
     from .access import Access
@@ -77,6 +77,7 @@ class Rule:
 
 _UNSAFE_CHARS = re.compile(r"[%\\\x00-\x20\x7f]")
 _UNSAFE_IN_NAMES = re.compile(r"[%\\\x00-\x1f\x7f]")  # registry names may hold spaces
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _clean_segments(path: str) -> list[str] | None:
@@ -233,6 +234,65 @@ def _graphql_mutation_fields(query: str) -> set[str]:
     return names
 
 
+def graphql_arguments(query: str, variables: Any) -> list[tuple[str, Any]]:
+    """Every (name, value) of QUERY's arguments and input-object fields, at any depth, with
+    $variables replaced by what VARIABLES gives them: the ids a GraphQL request names, however
+    it spells them (inline, nested in `input: {...}`, or passed as variables)."""
+    from graphql import parse
+    from graphql.error import GraphQLError
+    from graphql.language import (
+        ArgumentNode,
+        ListValueNode,
+        ObjectFieldNode,
+        ObjectValueNode,
+        VariableNode,
+        visit,
+    )
+    from graphql.language.visitor import Visitor
+
+    try:
+        document = parse(query)
+    except GraphQLError as exc:
+        raise PolicyViolation(f"invalid GraphQL query: {exc.message}") from None
+    given = variables if isinstance(variables, dict) else {}
+
+    def value_of(node: Any) -> Any:
+        if isinstance(node, VariableNode):
+            return given.get(node.name.value)
+        if isinstance(node, ListValueNode):
+            return [value_of(item) for item in node.values]
+        if isinstance(node, ObjectValueNode):
+            return {f.name.value: value_of(f.value) for f in node.fields}
+        return getattr(node, "value", None)
+
+    found: list[tuple[str, Any]] = []
+
+    class Arguments(Visitor):
+        def enter_argument(self, node: ArgumentNode, *_: Any) -> None:
+            found.append((node.name.value, value_of(node.value)))
+
+        def enter_object_field(self, node: ObjectFieldNode, *_: Any) -> None:
+            found.append((node.name.value, value_of(node.value)))
+
+    visit(document, Arguments())
+    # a variable that holds an object ({"input": {"experimentIds": [...]}}) names ids too
+    for _, value in list(found):
+        found += _nested_items(value)
+    return found
+
+
+def _nested_items(value: Any) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            items.append((str(key), inner))
+            items += _nested_items(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            items += _nested_items(inner)
+    return items
+
+
 def _check_graphql(call: Call, policy: Policy) -> None:
     body = call.body
     if not isinstance(body, dict):
@@ -288,6 +348,10 @@ class Policy:
             return self.app(environ, start_response)
         except Exception:  # a request Flask could not route either: fail closed
             return _error(start_response, PolicyViolation("the request could not be routed"))
+        try:
+            _check_request_shape(endpoint, view_args, environ)
+        except PolicyViolation as exc:
+            return _error(start_response, exc)
         rule = self.rules.get(endpoint)
         if self.access is not None:
             return self.access.handle(self, endpoint, view_args, rule, environ, start_response)
@@ -302,6 +366,41 @@ class Policy:
         except PolicyViolation as exc:
             return _error(start_response, exc)
         return self.app(environ, start_response)
+
+
+def _check_request_shape(endpoint: str, view_args: dict[str, Any],
+                         environ: dict[str, Any]) -> None:
+    """What the checks read must be what MLflow acts on.
+
+    - A GET or HEAD carries no body: MLflow reads a GET's JSON body when it has no query
+      string, where the owner and privacy checks (which read a GET's query) never look.
+    - An artifact path is plain: MLflow decodes percent-escapes in it again, up to ten times
+      (``%2535`` -> ``%35`` -> ``5``), so the path the checks saw would not be the one served.
+    """
+    method = environ.get("REQUEST_METHOD", "")
+    if method in ("GET", "HEAD") and (
+        environ.get("HTTP_TRANSFER_ENCODING")
+        or (environ.get("CONTENT_LENGTH") or "0").strip() not in ("", "0")
+    ):
+        raise PolicyViolation(f"a {method} request carries no body: send the parameters in the "
+                              "query string")
+    paths = [str(view_args["artifact_path"])] if "artifact_path" in view_args else []
+    if "artifact" in endpoint:
+        paths += parse_qs(environ.get("QUERY_STRING", "")).get("path", [])
+    for path in paths:
+        if not is_plain_artifact_path(path):
+            raise PolicyViolation(
+                f"artifact path {path!r} is not plain: no percent-escapes, backslashes, "
+                "control characters, or empty, '.' or '..' segments")
+
+
+def is_plain_artifact_path(path: str) -> bool:
+    """PATH names the same file before and after MLflow's own decoding and normalizing."""
+    if path == "":
+        return True  # the root of a listing
+    if unquote(path) != path or "\\" in path or _CONTROL.search(path) or path[0] == "/":
+        return False
+    return _clean_segments(path.rstrip("/")) is not None
 
 
 def _read_json_body(environ: dict[str, Any], limit: int = MAX_CHECKED_BODY) -> Any:
