@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from trackgate.settings import Settings
 from trackgate.users import HtpasswdStore, UserError
 
 from .browser import chromium
-from .support import RunningStack, free_port, running_stack
+from .support import RunningStack, free_port, running_stack, trackgate
 
 CURRENT = "/ajax-api/2.0/mlflow/users/current"
 PASSWORD = "correct horse battery staple"
@@ -124,6 +125,37 @@ def test_a_provider_user_cannot_take_over_a_local_account_of_the_same_name(
         _through_canaille(page, sso_stack, iam_server, name)
         assert "is a local account here" in page.inner_text("main")
         assert not [c for c in context.cookies() if c["name"] == COOKIE]
+
+
+def test_a_sign_on_session_ends_when_a_local_account_of_its_name_is_created(
+        sso_stack: RunningStack, iam_server: Any) -> None:
+    # The attack: a provider user picks a name an admin will later give a local account
+    # (svc-ci), signs in first, and keeps that name (and what it owns) once the account exists.
+    name = f"svc-{secrets.token_hex(3)}"
+    squatter = iam_server.random_user(user_name=name, password=PASSWORD)
+    iam_server.random_group(display_name="ml-team", members=[squatter])
+    with chromium() as browser:
+        context: Any = browser.new_context(ignore_https_errors=True)  # type: ignore[attr-defined]
+        page = context.new_page()
+        page.goto(sso_stack.url + "/#/experiments", timeout=60_000)
+        _through_canaille(page, sso_stack, iam_server, name)
+        assert "/login" not in page.url, page.inner_text("main")
+        session = next(c["value"] for c in context.cookies() if c["name"] == COOKIE)
+        cookie = {"Cookie": f"{COOKIE}={session}"}
+        assert sso_stack.get(CURRENT, headers=cookie).json()["user"]["username"] == name
+        password = secrets.token_urlsafe(12)
+        added = trackgate("users", "add", name, "--password-stdin", "--data-dir",
+                          str(sso_stack.settings.data_dir), input=password + "\n")
+        assert added.returncode == 0, added.stderr
+        page.goto(sso_stack.url + "/", timeout=60_000)  # the session's next request
+        assert "/login" in page.url, page.url
+        assert "Sign in with Canaille" in page.content()
+    assert sso_stack.get(CURRENT, headers=cookie).status_code == 401
+    assert sso_stack.get(CURRENT, auth=(name, password)).json()["user"]["username"] == name
+    assert sso_stack.settings.audit_log is not None
+    ended = [e for e in map(json.loads, sso_stack.settings.audit_log.read_text().splitlines())
+             if e.get("user") == name and e.get("action") == "session_ended"]
+    assert len(ended) == 1, ended
 
 
 def test_a_callback_this_browser_did_not_start_is_refused(sso_stack: RunningStack) -> None:

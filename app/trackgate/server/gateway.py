@@ -318,6 +318,12 @@ class Gateway:
             # what it vouched for no longer holds.
             self.sessions.end(cookie_value(environ.get("HTTP_COOKIE")) or "")
             return self.unauthorized(environ, start_response)
+        if self.users.hash_for(session.username) is not None:
+            # A local account of this name was created after the sign-on: the name (and what
+            # owner checks give it) is the local account's now, never the provider user's.
+            self.sessions.end(cookie_value(environ.get("HTTP_COOKIE")) or "")
+            self._audit_login(environ, session.username, "session_ended", 401)
+            return self.unauthorized(environ, start_response)
         if not self.same_origin(environ, environ.get("HTTP_X_ORIGINAL_METHOD") or "GET"):
             return self.unauthorized(environ, start_response)
         self._count("allowed")

@@ -71,6 +71,20 @@ def _load_mlflow(settings: Settings | None = None) -> Any:
     return HideMetricsFromUsers(policy)
 
 
+def prepare_privacy_stamp(settings: Settings) -> str | None:
+    """Create the privacy stamp (see access.PrivateExperiments) as this account, 0600, before
+    any worker needs it. None if ready, else the one line to print: without it other workers
+    see a new private experiment only within 2 s, not before its write is answered."""
+    stamp = settings.privacy_stamp
+    try:
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as exc:
+        return (f"trackgate: cannot write {stamp} ({exc.strerror}): other tracking workers may "
+                "show a new private experiment to others for up to 2 s; make "
+                f"{settings.data_dir} writable for the tracking server's account")
+    return None
+
+
 def run(settings: Settings) -> None:
     """Prepare the database and artifact store, then serve `mlflow.server:app`."""
     from . import metrics
@@ -91,6 +105,9 @@ def run(settings: Settings) -> None:
             print(f"trackgate: cannot prepare {settings.nginx_upload_dir} for nginx's upload "
                   f"bodies ({exc.strerror}); set TRACKGATE_ARTIFACT_UPLOADS=tracking or make "
                   "the artifact root's parent writable", file=sys.stderr)
+    warning = prepare_privacy_stamp(settings)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     database.ensure_schema(settings, allow_upgrade=False)
     os.environ.update(mlflow_environment(settings))
     if objectstore.is_s3(settings.artifacts_uri):
