@@ -605,8 +605,9 @@ class PrivateExperiments:
                 os.write(fd, b".")
             finally:
                 os.close(fd)
-        except OSError:
-            pass  # then other workers follow within TTL
+        except OSError as exc:  # then the other workers follow only within TTL: say so
+            _log.error("could not append to %s (%s): other workers may serve a changed "
+                       "private experiment for up to %.0f s", self.stamp, exc.strerror, self.ttl)
 
     def all(self) -> dict[str, dict[str, str]]:
         stamp = self._stamp_now()
