@@ -58,10 +58,35 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         try:
             for port in ports[1:]:
                 servers.append(start_tracking_server(others, port, root / f"logs-{port}"))
+            _until_nginx_uses_each(stack, servers)
             yield Farm(stack, servers)
         finally:
             for server in servers:
                 server.stop()
+
+
+def _until_nginx_uses_each(stack: RunningStack, servers: list[TrackingServer],
+                           seconds: float = 60.0) -> None:
+    """nginx skips a server that refused a connection for fail_timeout (10 s), and `up` polled
+    /health through it before the other servers were started. Until nginx tries them again, every
+    call would go to `up`'s own server and the kill test would prove nothing: wait (bounded)
+    until a call through the proxy has reached each server."""
+    probe = "/api/2.0/mlflow/experiments/get-by-name"
+    deadline = time.monotonic() + seconds
+    while not all(probe in s.access_log() for s in servers):
+        if time.monotonic() > deadline:
+            reached = [probe in s.access_log() for s in servers]
+            raise AssertionError(f"nginx did not reach every tracking server in {seconds:.0f} s "
+                                 f"(reached: {reached}); its errors:\n{_nginx_errors(stack)}")
+        stack.request("GET", probe, auth=("admin", stack.admin_password),
+                      params={"experiment_name": "Default"})
+        time.sleep(0.2)
+
+
+def _nginx_errors(stack: RunningStack) -> str:
+    assert stack.settings.logs is not None
+    log = stack.settings.logs / "nginx-error.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
 
 
 def _direct(port: int, **headers: str) -> requests.Response:
@@ -129,4 +154,5 @@ def test_a_server_killed_under_load_costs_no_call_and_no_metric(farm: Farm) -> N
             steps = {m.step for m in client.get_metric_history(run_id, "loss")}
             assert steps == set(range(CALLS)), f"{run_id} lost {CALLS - len(steps)} metrics"
     served = [s.access_log().count("/runs/log-metric") for s in farm.servers]
-    assert all(n > 0 for n in served), f"log-metric calls per server: {served}"
+    assert all(n > 0 for n in served), \
+        f"log-metric calls per server: {served}; nginx's errors:\n{_nginx_errors(farm.stack)}"
