@@ -9,7 +9,9 @@
 Starts the servers (see bench/targets.py): bare gunicorn+MLflow (the baseline: same workers, no
 nginx, no TLS, no auth), trackgate as shipped, trackgate with its gateway under gunicorn (as
 before issue 18), trackgate with nginx caching the gateway's answers (bench-only, see
-targets.cache_auth_answers), textbook nginx `auth_basic` and MLflow's basic-auth app. Then:
+targets.cache_auth_answers), trackgate without its Prometheus metrics, textbook nginx
+`auth_basic`, the same nginx and TLS with no auth at all (tls-proxy: the floor for any proxy)
+and MLflow's basic-auth app. Then:
 
 1. `log_metric` throughput by alternated calls (bench/alternated.py) at 1 and 4 clients per
    variant: ratio to bare per block, median of >= 20 blocks, spread, CPU per call from /proc;
@@ -97,7 +99,9 @@ LABELS = {
     "trackgate": "**trackgate** (lean gateway)",
     "trackgate-gunicorn": "trackgate, gateway under gunicorn (before)",
     "trackgate-nginx-cache": "trackgate + nginx caching the gateway's 204 (bench-only)",
+    "trackgate-no-metrics": "trackgate with TRACKGATE_METRICS=false",
     "textbook": "textbook nginx auth_basic (bcrypt per call)",
+    "tls-proxy": "nginx TLS proxy, no auth at all (the floor for any proxy)",
     "mlflow-auth": "MLflow basic-auth app (cache on)",
 }
 
@@ -413,7 +417,10 @@ def main() -> None:
                     work, "trackgate-gunicorn", gateway_server="gunicorn"),
                 "trackgate-nginx-cache": lambda: tg.trackgate_stack(work,
                                                                     "trackgate-nginx-cache"),
+                "trackgate-no-metrics": lambda: tg.trackgate_stack(
+                    work, "trackgate-no-metrics", metrics="false"),
                 "textbook": lambda: tg.textbook_nginx(work, bare.port),
+                "tls-proxy": lambda: tg.textbook_nginx(work, bare.port, auth=False),
                 "mlflow-auth": lambda: tg.mlflow_basic_auth(work),
             }
             for name, start in starters.items():
@@ -456,7 +463,8 @@ def main() -> None:
             "cells": [asdict(c) for c in cells], "transfers": transfers}, indent=1))
         if not args.keep:
             for name in ("bare", "trackgate", "trackgate-gunicorn", "trackgate-nginx-cache",
-                         "textbook", "mlflow-auth", "static", "trackgate-mlflow-uploads"):
+                         "trackgate-no-metrics", "textbook", "tls-proxy", "mlflow-auth", "static",
+                         "trackgate-mlflow-uploads"):
                 tg.remove_tree(work / name)
     elapsed = time.monotonic() - began
     command = shlex.join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]])
@@ -516,8 +524,8 @@ def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any
            f"{plan.calls_each} per client, {plan.calls_each * plan.concurrency} in all; "
            f"textbook {plan.textbook_calls} per client: it spends ~200 ms of "
            "bcrypt per call) to each variant in turn, the order rotated each block; ratio to "
-           "bare per block. Server CPU: every process of the variant's tree (textbook: its "
-           "nginx only; the bare gunicorn behind it is not counted).", "",
+           "bare per block. Server CPU: every process of the variant's tree (textbook and "
+           "tls-proxy: their nginx only; the bare gunicorn behind them is not counted).", "",
            alternated.render(results, LABELS)]
     if throughput_only:
         return "\n".join(out) + "\n"

@@ -5,6 +5,7 @@
 - trackgate: the full stack (`trackgate up`: nginx + TLS + auth gateway + the same gunicorn,
   with the policy layer: artifact roots, roles, owners, audit log);
 - textbook: nginx `auth_basic` with a bcrypt-12 htpasswd and TLS in front of the *bare* gunicorn;
+- tls-proxy: the same nginx and TLS with no auth at all: what any proxy costs here;
 - mlflow-auth: MLflow's basic-auth app (`mlflow.server.auth:create_app`) with its credential cache
   on, under the same gunicorn options (see bench/mlflow_auth.py).
 """
@@ -183,9 +184,7 @@ http {{
         proxy_set_header Host $http_host;
         location = /health {{ proxy_pass http://mlflow; }}
         location / {{
-            auth_basic "MLflow";
-            auth_basic_user_file {htpasswd};
-            proxy_pass http://mlflow;
+{auth}            proxy_pass http://mlflow;
         }}
     }}
 }}
@@ -193,10 +192,12 @@ http {{
 
 
 @contextlib.contextmanager
-def textbook_nginx(work: Path, upstream_port: int) -> Iterator[Target]:
+def textbook_nginx(work: Path, upstream_port: int, auth: bool = True) -> Iterator[Target]:
     """nginx `auth_basic` (bcrypt-12 htpasswd, checked on every request) + TLS, in front of
-    the bare gunicorn on `upstream_port`."""
-    base = work / "textbook"
+    the bare gunicorn on `upstream_port`. Without `auth`: the same nginx and TLS with no auth
+    at all ("tls-proxy"), the floor any authenticating proxy on this machine stands on."""
+    name = "textbook" if auth else "tls-proxy"
+    base = work / name
     run = base / "run"
     run.mkdir(parents=True, exist_ok=True)
     # Only the local-CA certificate helper is reused; the tracking port is never started here.
@@ -212,7 +213,9 @@ def textbook_nginx(work: Path, upstream_port: int) -> Iterator[Target]:
         # (a throwaway fixture) instead of opening the benchmark's temp dirs to www-data.
         user="user root;\n" if os.geteuid() == 0 else "",
         run=run, upstream=f"127.0.0.1:{upstream_port}", port=port,
-        cert=cert_settings.cert_file, key=cert_settings.key_file, htpasswd=store.path,
+        cert=cert_settings.cert_file, key=cert_settings.key_file,
+        auth=(f'            auth_basic "MLflow";\n'
+              f"            auth_basic_user_file {store.path};\n") if auth else "",
     ))
     nginx = find_nginx(cert_settings)
     subprocess.run([nginx, "-t", "-q", "-c", str(conf), "-p", str(run)], check=True)
@@ -220,8 +223,12 @@ def textbook_nginx(work: Path, upstream_port: int) -> Iterator[Target]:
     proc = _spawn([nginx, "-c", str(conf), "-p", str(run), "-g", "daemon off;"], clean_env(), log)
     try:
         _wait_tls_up(port, proc, log)
-        yield Target("textbook", f"https://localhost:{port}", USER, password,
-                     cert_settings.ca_cert, store.path, proc.pid)
+        if auth:
+            yield Target(name, f"https://localhost:{port}", USER, password,
+                         cert_settings.ca_cert, store.path, proc.pid)
+        else:
+            yield Target(name, f"https://localhost:{port}", ca_file=cert_settings.ca_cert,
+                         root_pid=proc.pid)
     finally:
         _stop(proc, signal.SIGQUIT)  # nginx's graceful stop
 
