@@ -234,6 +234,16 @@ def test_graphql_mutations_other_than_known_reads_are_refused(
     assert recorder.calls == []
 
 
+def test_a_graphql_query_that_does_not_parse_is_refused_with_the_parsers_message(
+    mlflow: tuple[Recorder, Client]
+) -> None:
+    recorder, client = mlflow
+    response = client.post("/graphql", json={"query": "mutation { createExperiment(name: "})
+    assert response.status_code == 400
+    assert "invalid GraphQL query: Syntax Error" in response.get_data(as_text=True)
+    assert recorder.calls == []
+
+
 def test_graphql_reads_pass(mlflow: tuple[Recorder, Client]) -> None:
     recorder, client = mlflow
     for query in (

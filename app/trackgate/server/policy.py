@@ -192,10 +192,19 @@ def _check_model_version_source(call: Call, policy: Policy) -> None:
         )
 
 
-def _graphql_mutation_fields(query: str) -> set[str]:
-    """The top-level field names of every mutation in QUERY (fragments followed)."""
+def _parse_graphql(query: str) -> Any:
+    """QUERY's document; a query graphql-core cannot parse is refused with its message."""
     from graphql import parse
     from graphql.error import GraphQLError
+
+    try:
+        return parse(query)
+    except GraphQLError as exc:
+        raise PolicyViolation(f"invalid GraphQL query: {exc.message}") from None
+
+
+def _graphql_mutation_fields(query: str) -> set[str]:
+    """The top-level field names of every mutation in QUERY (fragments followed)."""
     from graphql.language import (
         FieldNode,
         FragmentDefinitionNode,
@@ -205,10 +214,7 @@ def _graphql_mutation_fields(query: str) -> set[str]:
         OperationType,
     )
 
-    try:
-        document = parse(query)
-    except GraphQLError as exc:
-        raise PolicyViolation(f"invalid GraphQL query: {exc.message}") from None
+    document = _parse_graphql(query)
     fragments = {
         d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
     }
@@ -238,8 +244,6 @@ def graphql_arguments(query: str, variables: Any) -> list[tuple[str, Any]]:
     """Every (name, value) of QUERY's arguments and input-object fields, at any depth, with
     $variables replaced by what VARIABLES gives them: the ids a GraphQL request names, however
     it spells them (inline, nested in `input: {...}`, or passed as variables)."""
-    from graphql import parse
-    from graphql.error import GraphQLError
     from graphql.language import (
         ArgumentNode,
         ListValueNode,
@@ -250,10 +254,7 @@ def graphql_arguments(query: str, variables: Any) -> list[tuple[str, Any]]:
     )
     from graphql.language.visitor import Visitor
 
-    try:
-        document = parse(query)
-    except GraphQLError as exc:
-        raise PolicyViolation(f"invalid GraphQL query: {exc.message}") from None
+    document = _parse_graphql(query)
     given = variables if isinstance(variables, dict) else {}
 
     def value_of(node: Any) -> Any:
