@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from trackgate import processes
 
 from ..support import clean_env, free_port, trackgate
@@ -163,3 +164,18 @@ def writing_client(stack: CliStack, run_id: str, work: Path) -> Iterator[list[Wr
     failed = [line for line in out.splitlines() if line.startswith("fail ")]
     assert proc.returncode == 0, err[-2000:]
     result.append(Written(acked, failed))
+
+
+@contextmanager
+def running_cli_stack(tmp_path_factory: pytest.TempPathFactory, name: str,
+                      **extra_env: str) -> Iterator[CliStack]:
+    """`trackgate up` in a data dir of its own (a module's stack), `down` and its log at the end."""
+    root = tmp_path_factory.mktemp(name)
+    os.chmod(root, 0o711)  # as root, the service account passes through to the data dir
+    running = CliStack.new(root / "data", **extra_env)
+    running.up()
+    try:
+        yield running
+    finally:
+        running.run("down")
+        print("\n".join(running.log))

@@ -4,7 +4,6 @@ sent has its line in nginx's and gunicorn's access logs, across the rotated file
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 import requests
 from trackgate.local.supervisor import shift
 
-from .supervision import CliStack
+from .supervision import CliStack, running_cli_stack
 
 pytestmark = pytest.mark.reliability
 
@@ -24,16 +23,11 @@ SECONDS = 12.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliStack]:
-    root = tmp_path_factory.mktemp("logs")
-    os.chmod(root, 0o711)
     # Small enough that the supervisor also rotates by size during the test; many copies kept,
     # so every line can be counted afterwards.
-    running = CliStack.new(root / "data", TRACKGATE_LOG_MAX_BYTES="150000", TRACKGATE_LOG_KEEP="60")
-    running.up()
-    try:
+    with running_cli_stack(tmp_path_factory, "logs", TRACKGATE_LOG_MAX_BYTES="150000",
+                           TRACKGATE_LOG_KEEP="60") as running:
         yield running
-    finally:
-        running.run("down")
 
 
 def _lines_with(logs: Path, name: str, marker: str) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from .supervision import (
     CliStack,
     kill,
     mentioning,
+    running_cli_stack,
     session_of,
     still_alive,
     wait_until,
@@ -38,15 +39,8 @@ pytestmark = pytest.mark.reliability
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliStack]:
-    root = tmp_path_factory.mktemp("supervisor")
-    os.chmod(root, 0o711)  # as root, the service account passes through to the data dir
-    running = CliStack.new(root / "data")
-    running.up()
-    try:
+    with running_cli_stack(tmp_path_factory, "supervisor") as running:
         yield running
-    finally:
-        running.run("down")
-        print("\n".join(running.log))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import requests
 from trackgate import processes
 from trackgate.settings import Settings
 
-from .supervision import CliStack, kill, still_alive, wait_until
+from .supervision import CliStack, kill, running_cli_stack, still_alive, wait_until
 
 pytestmark = pytest.mark.reliability
 ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
@@ -30,15 +30,8 @@ PIECE = 64 << 10
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliStack]:
-    root = tmp_path_factory.mktemp("upload-orphans")
-    os.chmod(root, 0o711)  # as root, the service account passes through to the data dir
-    running = CliStack.new(root / "data")
-    running.up()
-    try:
+    with running_cli_stack(tmp_path_factory, "upload-orphans") as running:
         yield running
-    finally:
-        running.run("down")
-        print("\n".join(running.log))
 
 
 def _nginx(stack: CliStack) -> dict[str, object]:
