@@ -9,7 +9,9 @@
 Starts the servers (see bench/targets.py): bare gunicorn+MLflow (the baseline: same workers, no
 nginx, no TLS, no auth), trackgate as shipped, trackgate with its gateway under gunicorn (as
 before issue 18), trackgate with nginx caching the gateway's answers (bench-only, see
-targets.cache_auth_answers), trackgate without its Prometheus metrics, textbook nginx
+targets.cache_auth_answers), trackgate with no auth subrequest at all (bench-only, the upper
+bound of verifying without a gateway round trip: targets.skip_auth_hop), trackgate without its
+Prometheus metrics, textbook nginx
 `auth_basic`, the same nginx and TLS with no auth at all (tls-proxy: the floor for any proxy)
 and MLflow's basic-auth app. Then:
 
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,7 @@ LABELS = {
     "trackgate-gunicorn": "trackgate, gateway under gunicorn (before)",
     "trackgate-nginx-cache": "trackgate + nginx caching the gateway's 204 (bench-only)",
     "trackgate-no-metrics": "trackgate with TRACKGATE_METRICS=false",
+    "trackgate-no-auth-hop": "trackgate with no auth subrequest (bench-only upper bound)",
     "textbook": "textbook nginx auth_basic (bcrypt per call)",
     "tls-proxy": "nginx TLS proxy, no auth at all (the floor for any proxy)",
     "mlflow-auth": "MLflow basic-auth app (cache on)",
@@ -417,6 +420,8 @@ def main() -> None:
                     work, "trackgate-gunicorn", gateway_server="gunicorn"),
                 "trackgate-nginx-cache": lambda: tg.trackgate_stack(work,
                                                                     "trackgate-nginx-cache"),
+                "trackgate-no-auth-hop": lambda: tg.trackgate_stack(work,
+                                                                    "trackgate-no-auth-hop"),
                 "trackgate-no-metrics": lambda: tg.trackgate_stack(
                     work, "trackgate-no-metrics", metrics="false"),
                 "textbook": lambda: tg.textbook_nginx(work, bare.port),
@@ -428,6 +433,8 @@ def main() -> None:
                     servers.append(stack.enter_context(start()))
                     if name == "trackgate-nginx-cache":
                         tg.cache_auth_answers(servers[-1])
+                    if name == "trackgate-no-auth-hop":
+                        tg.skip_auth_hop(servers[-1])
             by_name = {s.name: s for s in servers}
             pools = {s.name: ClientPool(stack, s, plan, logs) for s in servers}
             print(f"servers and clients up after {time.monotonic() - began:.0f} s", flush=True)
@@ -463,7 +470,8 @@ def main() -> None:
             "cells": [asdict(c) for c in cells], "transfers": transfers}, indent=1))
         if not args.keep:
             for name in ("bare", "trackgate", "trackgate-gunicorn", "trackgate-nginx-cache",
-                         "trackgate-no-metrics", "textbook", "tls-proxy", "mlflow-auth", "static",
+                         "trackgate-no-metrics", "trackgate-no-auth-hop", "textbook", "tls-proxy",
+                         "mlflow-auth", "static",
                          "trackgate-mlflow-uploads"):
                 tg.remove_tree(work / name)
     elapsed = time.monotonic() - began
@@ -528,6 +536,7 @@ def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any
            "tls-proxy: their nginx only; the bare gunicorn behind them is not counted).", "",
            alternated.render(results, LABELS)]
     if throughput_only:
+        out += ["", *_target_table(_throughput_targets(results)), *_floor_rows(results)]
         return "\n".join(out) + "\n"
     size = curl.get("bytes", 0) / 2**30
     down, up = curl.get("download", {}), curl.get("upload", {})
@@ -577,11 +586,7 @@ def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any
                    f"{r['after']} | {r['after_ok']} | {r['first_refusal_ms']:.1f} ms | "
                    f"{r['last_ok_ms']:.1f} ms |")
     out.append("")
-    targets = []
-    for one in results:  # 1 client, then `concurrency` clients
-        clients = "1 client" if one.clients == 1 else f"{one.clients} clients"
-        targets.append((f"trackgate >= 0.95x bare, {clients} ({one.blocks} blocks)",
-                        alternated.ratio(one, "trackgate")[0], lambda v: v >= 0.95, "{:.3f}x"))
+    targets = _throughput_targets(results)
     targets += [
         ("1 GiB download through trackgate <= 1.1x nginx-serves-file (time)", med(dr),
          lambda v: v <= 1.1, "{:.3f}x"),
@@ -594,10 +599,44 @@ def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any
         targets.append(("revocation latency 0: no old-password success after `passwd` returned",
                         float(revoked.get("trackgate", {}).get("after_ok", 1)), lambda v: v == 0,
                         "{:.0f} successes"))
-    out += ["## Targets (issue 18)", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
-    for label, value, ok, fmt in targets:
-        out.append(f"| {label} | {fmt.format(value)} | {_verdict(ok(value))} |")
+    out += [*_target_table(targets), *_floor_rows(results)]
     return "\n".join(out) + "\n"
+
+
+Target = tuple[str, float, Callable[[float], bool], str]
+
+
+def _clients(one: alternated.Alternated) -> str:
+    return "1 client" if one.clients == 1 else f"{one.clients} clients"
+
+
+def _throughput_targets(results: list[alternated.Alternated]) -> list[Target]:
+    return [(f"trackgate >= 0.95x bare, {_clients(one)} ({one.blocks} blocks)",
+             alternated.ratio(one, "trackgate")[0], lambda v: v >= 0.95, "{:.3f}x")
+            for one in results if "trackgate" in one.series]  # 1 client, then `concurrency`
+
+
+def _target_table(targets: list[Target]) -> list[str]:
+    out = ["## Targets (issue 18)", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
+    return out + [f"| {label} | {fmt.format(value)} | {_verdict(ok(value))} |"
+                  for label, value, ok, fmt in targets]
+
+
+def _floor_rows(results: list[alternated.Alternated]) -> list[str]:
+    """The throughput targets beside what no auth at all reaches in the same run: no proxy that
+    terminates TLS here can do better, and trackgate's own share of the gap is the rest."""
+    out: list[str] = []
+    for one in results:
+        if "tls-proxy" not in one.series:
+            continue
+        out.append(f"| (the floor: nginx TLS proxy, no auth, {_clients(one)}) | "
+                   f"{alternated.ratio(one, 'tls-proxy')[0]:.3f}x | – |")
+        if "trackgate" in one.series:
+            own = [t / f for t, f in zip(one.series["trackgate"].rates,
+                                         one.series["tls-proxy"].rates, strict=True) if f]
+            out.append(f"| (trackgate / the floor, {_clients(one)}, median of blocks) | "
+                       f"{transfers_mod.median(own):.3f}x | – |")
+    return out
 
 
 def _progress(cell: Cell) -> None:

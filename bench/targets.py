@@ -297,6 +297,27 @@ def cache_auth_answers(target: Target) -> None:
     time.sleep(1.5)
 
 
+def skip_auth_hop(target: Target, role: str = "editor") -> None:
+    """Bench-only: the stack with no auth subrequest at all; nginx names the bench user itself.
+    The upper bound of any design that verifies credentials without a round trip to the
+    gateway (in nginx, or inside the tracking server): TLS, the proxy, the metrics line and the
+    tracking server's policy, roles and audit layers stay. Never a real configuration: anyone
+    who reaches it is the bench user."""
+    from trackgate import nginx as tg_nginx
+
+    assert target.stack is not None
+    settings = target.stack.settings
+    text = settings.nginx_conf.read_text()
+    hop = "auth_request /_trackgate/auth;"
+    if hop not in text:
+        raise RuntimeError("auth_request was not found in the rendered nginx.conf")
+    text = text.replace(hop, f'auth_request off; set $trackgate_user "{USER}"; '
+                             f'set $trackgate_role "{role}"; set $trackgate_via "basic";')
+    settings.nginx_conf.write_text(text)
+    tg_nginx.reload(settings)
+    time.sleep(1.5)
+
+
 def mlflow_clients(stacks: dict[str, RunningStack], work: Path, password: str) -> dict[str, Any]:
     """One MlflowClient per stack, with its own run; one CA bundle and user for all."""
     bundle = work / "ca-bundle.pem"
