@@ -603,20 +603,20 @@ def render(plan: Plan, results: list[alternated.Alternated], curl: dict[str, Any
     return "\n".join(out) + "\n"
 
 
-Target = tuple[str, float, Callable[[float], bool], str]
+TargetRow = tuple[str, float, Callable[[float], bool], str]  # label, value, test, format
 
 
 def _clients(one: alternated.Alternated) -> str:
     return "1 client" if one.clients == 1 else f"{one.clients} clients"
 
 
-def _throughput_targets(results: list[alternated.Alternated]) -> list[Target]:
+def _throughput_targets(results: list[alternated.Alternated]) -> list[TargetRow]:
     return [(f"trackgate >= 0.95x bare, {_clients(one)} ({one.blocks} blocks)",
              alternated.ratio(one, "trackgate")[0], lambda v: v >= 0.95, "{:.3f}x")
             for one in results if "trackgate" in one.series]  # 1 client, then `concurrency`
 
 
-def _target_table(targets: list[Target]) -> list[str]:
+def _target_table(targets: list[TargetRow]) -> list[str]:
     out = ["## Targets (issue 18)", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
     return out + [f"| {label} | {fmt.format(value)} | {_verdict(ok(value))} |"
                   for label, value, ok, fmt in targets]
