@@ -175,6 +175,12 @@ def test_graphql_offers_no_way_around(stack: RunningStack, user: tuple[str, str]
         json={"query": 'mutation { createExperiment(artifactLocation: "file:///etc") { id } }'},
     )
     assert refused.status_code == 400
+    # A query the parser cannot read is refused by the policy layer, never handed to MLflow.
+    unparsable = stack.request(
+        "POST", "/graphql", auth=user, json={"query": "mutation { createExperiment(name: "}
+    )
+    assert unparsable.status_code == 400, unparsable.text
+    assert "invalid GraphQL query: Syntax Error" in unparsable.text
     read = stack.request(
         "POST",
         "/graphql",
