@@ -275,26 +275,19 @@ def cache_auth_answers(target: Target) -> None:
     key is an upper bound on speed: an HMAC of it (set-misc) costs nginx microseconds more.
     It is not shipped: a changed password would stay valid until the entry expires or a
     reload, and roles changes likewise."""
-    from trackgate import nginx as tg_nginx
-
     assert target.stack is not None
     settings = target.stack.settings
     cache = settings.nginx_runtime_dir / "nginx-temp" / "bench-auth-cache"
     text = settings.nginx_conf.read_text()
     zone = (f"proxy_cache_path {cache} levels=1:2 keys_zone=bench_auth:10m max_size=50m "
             "inactive=15m;\n    upstream trackgate_tracking {")
-    text = text.replace("upstream trackgate_tracking {", zone, 1)
+    text = _replaced(text, "upstream trackgate_tracking {", zone)
     auth = ("location = /_trackgate/auth {\n            internal;\n"
             "            proxy_cache bench_auth;\n"
             "            proxy_cache_key $http_authorization;\n"
             "            proxy_cache_valid 204 15m;\n")
-    before = text
-    text = text.replace("location = /_trackgate/auth {\n            internal;\n", auth, 1)
-    if text == before:
-        raise RuntimeError("the auth location was not found in the rendered nginx.conf")
-    settings.nginx_conf.write_text(text)
-    tg_nginx.reload(settings)
-    time.sleep(1.5)
+    text = _replaced(text, "location = /_trackgate/auth {\n            internal;\n", auth)
+    _reload_with(target, text)
 
 
 def skip_auth_hop(target: Target, role: str = "editor") -> None:
@@ -303,18 +296,27 @@ def skip_auth_hop(target: Target, role: str = "editor") -> None:
     gateway (in nginx, or inside the tracking server): TLS, the proxy, the metrics line and the
     tracking server's policy, roles and audit layers stay. Never a real configuration: anyone
     who reaches it is the bench user."""
+    assert target.stack is not None
+    text = _replaced(target.stack.settings.nginx_conf.read_text(),
+                     "auth_request /_trackgate/auth;",
+                     f'auth_request off; set $trackgate_user "{USER}"; '
+                     f'set $trackgate_role "{role}"; set $trackgate_via "basic";', count=-1)
+    _reload_with(target, text)
+
+
+def _replaced(text: str, old: str, new: str, count: int = 1) -> str:
+    if old not in text:
+        raise RuntimeError(f"{old.strip()!r} was not found in the rendered nginx.conf")
+    return text.replace(old, new, count)
+
+
+def _reload_with(target: Target, text: str) -> None:
+    """A running stack's nginx with its rendered config patched (bench-only variants)."""
     from trackgate import nginx as tg_nginx
 
     assert target.stack is not None
-    settings = target.stack.settings
-    text = settings.nginx_conf.read_text()
-    hop = "auth_request /_trackgate/auth;"
-    if hop not in text:
-        raise RuntimeError("auth_request was not found in the rendered nginx.conf")
-    text = text.replace(hop, f'auth_request off; set $trackgate_user "{USER}"; '
-                             f'set $trackgate_role "{role}"; set $trackgate_via "basic";')
-    settings.nginx_conf.write_text(text)
-    tg_nginx.reload(settings)
+    target.stack.settings.nginx_conf.write_text(text)
+    tg_nginx.reload(target.stack.settings)
     time.sleep(1.5)
 
 
